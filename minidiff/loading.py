@@ -1,0 +1,195 @@
+"""Finding and reading checkpoint files: a local folder or a Hugging Face Hub id, safely.
+
+Everything here is format plumbing shared by models, schedulers, tokenizers and pipelines:
+- `resolve_file` turns (path_or_hub_id, subfolder, filename) into a local path, downloading
+  (or reading the local Hub cache) one file at a time so only the files needed are fetched;
+- `find_weight_files` picks ONE weight format: safetensors first, then `.bin` pickles,
+  single file or sharded through `*.index.json`, honouring an optional `variant` ("fp16");
+- `read_state_dict` reads those files, pickles only via `torch.load(weights_only=True)`.
+Every failure names the file (or Hub id) it is about.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+_LFS_POINTER = b"version https://git-lfs"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be used as it is."""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_file(
+    path_or_id: str | os.PathLike,
+    filename: str,
+    subfolder: str | None = None,
+    *,
+    local_files_only: bool = False,
+    required: bool = True,
+) -> Path | None:
+    """Local path of `subfolder/filename` in a folder or a Hub repo; None if absent and not required."""
+    local = Path(path_or_id)
+    rel = Path(subfolder or "") / filename
+    if local.is_dir():
+        path = local / rel
+        if path.is_file():
+            return path
+        if required:
+            raise FileNotFoundError(f"{path} does not exist (looked in the local folder {local})")
+        return None
+
+    repo_id = str(path_or_id)
+    if not _HUB_ID.match(repo_id):
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local folder nor a Hugging Face Hub id of the form 'owner/name'"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = local_files_only or _hub_offline()
+    try:
+        return Path(
+            hf_hub_download(repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only)
+        )
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"the Hub repo {repo_id} has no file {rel.as_posix()}") from None
+        return None
+    except LocalEntryNotFoundError:
+        if required:
+            where = "and the Hub is offline" if offline else "and the Hub could not be reached"
+            raise FileNotFoundError(
+                f"{rel.as_posix()} of the Hub repo {repo_id} is not in the local Hugging Face cache "
+                f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) {where}"
+            ) from None
+        return None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"the Hub repo {repo_id} does not exist or is not accessible") from None
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the JSON file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path_or_id: str | os.PathLike,
+    subfolder: str | None = None,
+    filename: str = "config.json",
+    local_files_only: bool = False,
+) -> dict[str, Any]:
+    """The JSON config of a folder or Hub repo (and subfolder), as a plain dict."""
+    path = resolve_file(path_or_id, filename, subfolder, local_files_only=local_files_only)
+    return load_json(path)
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """diffusers' naming: model.safetensors -> model.fp16.safetensors, x.index.json -> x.index.fp16.json."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def find_weight_files(
+    path_or_id: str | os.PathLike,
+    subfolder: str | None = None,
+    weight_names: tuple[str, ...] = ("diffusion_pytorch_model",),
+    variant: str | None = None,
+    local_files_only: bool = False,
+) -> list[Path]:
+    """The files of one weight format: safetensors before pickles, a single file before shards."""
+    tried = []
+    for ext in ("safetensors", "bin"):
+        for name in weight_names:
+            single = _with_variant(f"{name}.{ext}", variant)
+            tried.append(single)
+            path = resolve_file(path_or_id, single, subfolder, local_files_only=local_files_only, required=False)
+            if path is not None:
+                return [path]
+            index_name = _with_variant(f"{name}.{ext}.index.json", variant)
+            tried.append(index_name)
+            index = resolve_file(path_or_id, index_name, subfolder, local_files_only=local_files_only, required=False)
+            if index is not None:
+                weight_map = load_json(index).get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise CheckpointError(f"{index} has no 'weight_map'")
+                return [
+                    resolve_file(path_or_id, shard, subfolder, local_files_only=local_files_only)
+                    for shard in sorted(set(weight_map.values()))
+                ]
+    where = f"{path_or_id}" + (f"/{subfolder}" if subfolder else "")
+    raise FileNotFoundError(f"no weights in {where}: looked for {', '.join(tried)}")
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one weight file. safetensors directly; pickles only through torch.load(weights_only=True)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"cannot open the weight file {path}: {e}") from e
+    if not head:
+        raise CheckpointError(f"the weight file {path} is empty")
+    if head.startswith(_LFS_POINTER):
+        raise CheckpointError(
+            f"{path} is a Git LFS pointer, not the weights: fetch the real file (git lfs pull)"
+        )
+    is_pickle_like = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    if path.suffix == ".safetensors":
+        if is_pickle_like:
+            raise CheckpointError(f"{path} is named .safetensors but holds a pickle/zip archive; refusing it")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt?): {e}") from e
+    if not is_pickle_like:
+        raise CheckpointError(f"{path} is neither a safetensors file nor a PyTorch pickle")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain containers, "
+            f"and pickles are only read with weights_only=True ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+
+
+def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Merge the tensors of one or more (sharded) weight files; a key in two shards is an error."""
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        part = read_tensors(path)
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{path} does not hold a dict of tensors")
+        for key, value in part.items():
+            if key in state:
+                raise CheckpointError(f"the key {key!r} appears in more than one shard (again in {path})")
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{path}: {key!r} is a {type(value).__name__}, not a tensor")
+            state[key] = value
+    return state

@@ -1,0 +1,116 @@
+"""The base class of every minidiff model: from_pretrained / save_pretrained and output types.
+
+Loading is: read the foreign config -> dataclass config (weights_conversion), build the model on
+the meta device (no memory, no random init), read the weights (minidiff.loading), rename them with
+the strict converter against the meta model's exact keys and shapes, then
+`load_state_dict(strict=True, assign=True)`, which adopts the loaded tensors instead of copying.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .loading import find_weight_files, load_config, read_state_dict
+
+
+class BaseOutput:
+    """Mixin for output dataclasses: `out.sample` and `out[0]` both work, as in diffusers."""
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int | str) -> Any:
+        return getattr(self, index) if isinstance(index, str) else self.to_tuple()[index]
+
+
+class ModelMixin(nn.Module):
+    """Config handling, loading and saving shared by all models."""
+
+    config_class: ClassVar[type]
+    conversion: ClassVar[str]  # module in weights_conversion that defines FORMAT
+    weights_names: ClassVar[tuple[str, ...]] = ("diffusion_pytorch_model",)
+    config_name: ClassVar[str] = "config.json"
+
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a config object or keyword arguments, not both")
+        elif isinstance(config, dict):
+            config = self._format().config_from_dict(config)
+        elif not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @classmethod
+    def _format(cls):  # -> weights_conversion.ModelFormat
+        return importlib.import_module(cls.conversion).FORMAT
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        local_files_only: bool = False,
+        **unused: Any,
+    ):
+        """Load a diffusers / transformers folder (or Hub id): config, then one weight format."""
+        fmt = cls._format()
+        where = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
+        raw = load_config(pretrained_model_name_or_path, subfolder, cls.config_name, local_files_only)
+        config = fmt.config_from_dict(raw)
+        files = find_weight_files(pretrained_model_name_or_path, subfolder, cls.weights_names, variant, local_files_only)
+        state_dict = read_state_dict(files)
+        return cls.from_foreign_state_dict(config, state_dict, torch_dtype, what=f"{cls.__name__} weights in {where}")
+
+    @classmethod
+    def from_foreign_state_dict(
+        cls, config: Any, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None = None, what: str = ""
+    ):
+        """Build on the meta device, rename strictly against its exact keys/shapes, adopt the tensors."""
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        converted = cls._format().convert(state_dict, config, expected, what or cls.__name__)
+        return model._adopt(converted, torch_dtype)
+
+    def _adopt(self, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None):
+        # diffusers loads in float32 unless told otherwise, whatever the file's dtype
+        dtype = torch_dtype or torch.float32
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        self.load_state_dict(state_dict, strict=True, assign=True)
+        return self.eval().requires_grad_(False)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None) -> None:
+        """Write config.json + weights in the diffusers / transformers layout (loadable by them)."""
+        fmt = self._format()
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / self.config_name).write_text(json.dumps(fmt.config_to_dict(self.config), indent=2, sort_keys=True) + "\n")
+        state_dict = {k: v.detach().contiguous() for k, v in fmt.export(self.state_dict(), self.config).items()}
+        name = self.weights_names[0] + (f".{variant}" if variant else "")
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(state_dict, str(out / f"{name}.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(state_dict, out / f"{name}.bin")
