@@ -65,17 +65,17 @@ def resolve_file(
         return Path(
             hf_hub_download(repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only)
         )
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"the Hub repo {repo_id} has no file {rel.as_posix()}") from None
-        return None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: catch it first)
         if required:
             where = "and the Hub is offline" if offline else "and the Hub could not be reached"
             raise FileNotFoundError(
                 f"{rel.as_posix()} of the Hub repo {repo_id} is not in the local Hugging Face cache "
                 f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) {where}"
             ) from None
+        return None
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"the Hub repo {repo_id} has no file {rel.as_posix()}") from None
         return None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"the Hub repo {repo_id} does not exist or is not accessible") from None

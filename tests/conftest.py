@@ -35,3 +35,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a-b| / max|b| (PARITY.md's measure)."""
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline, hand-built Hugging Face cache. Returns `add(repo_id, folder)` that copies a
+    local folder into the cache as the repo's `main` snapshot (the layout huggingface_hub reads)."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads these at import time
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+    def add(repo_id: str, folder: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        return repo
+
+    return add

@@ -1,0 +1,197 @@
+"""Building blocks shared by the UNets, the VAE and the text encoder.
+
+References:
+1. Ho, Jain, Abbeel. "Denoising Diffusion Probabilistic Models", 2020 (ResNet blocks, timestep embedding).
+2. Vaswani et al. "Attention Is All You Need", 2017 (multi-head attention, sinusoidal embedding).
+3. Rombach et al. "High-Resolution Image Synthesis with Latent Diffusion Models", 2022.
+
+Parameter names follow diffusers' leaves where the structure is the same (norm1, conv1,
+time_emb_proj, to_q, ...). Deliberate differences, mapped in weights_conversion/:
+`to_out` is one Linear (diffusers: `to_out.0`, a ModuleList with a dropout),
+`Downsample2D.conv`/`Upsample2D.conv` sit directly on the block as `downsample`/`upsample`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, (B,) -> (B, dim), in fp32.
+
+    freq_i = max_period^(-i / (half - freq_shift)); DDPM uses freq_shift=1 and [sin, cos],
+    Stable Diffusion freq_shift=0 and [cos, sin] (flip_sin_to_cos).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = timesteps[:, None].float() * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def as_timestep_batch(
+    timestep: torch.Tensor | float | int, batch: int, device: torch.device, scalar_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """An int, float, 0-d or 1-d timestep broadcast to one value per sample.
+
+    A Python number becomes `scalar_dtype`, by default int64 for ints and float64 for floats.
+    """
+    if not torch.is_tensor(timestep):
+        dtype = scalar_dtype or (torch.float64 if isinstance(timestep, float) else torch.int64)
+        timestep = torch.tensor([timestep], dtype=dtype, device=device)
+    elif timestep.ndim == 0:
+        timestep = timestep[None].to(device)
+    if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
+        raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(timestep.shape)}")
+    return timestep.expand(batch)
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(t)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm -> SiLU -> conv, (+ time embedding), GroupNorm -> SiLU -> conv, plus a shortcut."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int | None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        output_scale_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # a 1x1 conv only where the channel count changes
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. With padding 0 the input is padded (0,1,0,1) first, as the original DDPM / VAE."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, padding: int = 1) -> None:
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest x2 (or to an explicit size, to match an odd-sized skip connection), then a 3x3 conv."""
+
+    def __init__(self, channels: int, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # nearest upsampling in bf16 is slow or unsupported on some backends
+            x = x.float()
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x.to(dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head (self or cross) attention through PyTorch's scaled_dot_product_attention.
+
+    Used for the UNet transformer blocks (self/cross), the spatial attention of the DDPM UNet and
+    the VAE mid-block (subclass below), and CLIP (causal).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        head_dim: int = 64,
+        bias: bool = False,
+        out_bias: bool = True,
+        upcast: bool = False,
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.upcast = upcast  # SD2.x: attention scores in fp32 even when the model runs in fp16
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.Linear(inner, query_dim, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        # (B, N, heads*d) -> (B, heads, N, d)
+        q, k, v = (
+            proj(inp).view(b, -1, self.heads, proj.out_features // self.heads).transpose(1, 2)
+            for proj, inp in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
+        )
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal).to(x.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class AttentionBlock2D(Attention):
+    """Spatial self-attention on a feature map: GroupNorm, attention over H*W positions, residual."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int = 1,
+        groups: int | None = 32,
+        eps: float = 1e-6,
+        rescale_output_factor: float = 1.0,
+    ) -> None:
+        super().__init__(channels, heads=heads, head_dim=channels // heads, bias=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps) if groups else None
+        self.rescale_output_factor = rescale_output_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        b, c, h, w = x.shape
+        y = self.group_norm(x) if self.group_norm is not None else x
+        y = super().forward(y.view(b, c, h * w).transpose(1, 2))
+        y = y.transpose(1, 2).reshape(b, c, h, w) + x
+        return y if self.rescale_output_factor == 1.0 else y / self.rescale_output_factor

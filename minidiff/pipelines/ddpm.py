@@ -1,0 +1,47 @@
+"""DDPMPipeline: unconditional image generation with a pixel-space UNet and any scheduler.
+
+Reference: Ho, Jain, Abbeel. "Denoising Diffusion Probabilistic Models", 2020.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import DiffusionPipeline, ImagePipelineOutput, randn_tensor
+
+
+class DDPMPipeline(DiffusionPipeline):
+    component_names = ("unet", "scheduler")
+
+    def __init__(self, unet, scheduler) -> None:
+        super().__init__(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        size = self.unet.config.sample_size
+        if size is None:
+            raise ValueError("the UNet's config has no sample_size: cannot tell the image size")
+        h, w = (size, size) if isinstance(size, int) else size
+        # noise first, then one draw per step inside scheduler.step: diffusers' generator order
+        image = randn_tensor((batch_size, self.unet.config.in_channels, h, w), generator, self.device, self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_output = self.unet(image, t).sample
+            image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
