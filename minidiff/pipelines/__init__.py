@@ -1,4 +1,8 @@
 from .base import DiffusionPipeline, ImagePipelineOutput, randn_tensor
 from .ddpm import DDPMPipeline
+from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-__all__ = ["DiffusionPipeline", "ImagePipelineOutput", "randn_tensor", "DDPMPipeline"]
+__all__ = [
+    "DiffusionPipeline", "ImagePipelineOutput", "randn_tensor", "DDPMPipeline",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+]
