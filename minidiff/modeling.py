@@ -36,6 +36,8 @@ class ModelMixin(nn.Module):
 
     config_class: ClassVar[type]
     conversion: ClassVar[str]  # module in weights_conversion that defines FORMAT
+    # weight file stems, tried in order when loading; saving names safetensors after the first and
+    # pickles after the last (transformers: model.safetensors but pytorch_model.bin)
     weights_names: ClassVar[tuple[str, ...]] = ("diffusion_pytorch_model",)
     config_name: ClassVar[str] = "config.json"
 
@@ -107,7 +109,8 @@ class ModelMixin(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         (out / self.config_name).write_text(json.dumps(fmt.config_to_dict(self.config), indent=2, sort_keys=True) + "\n")
         state_dict = {k: v.detach().contiguous() for k, v in fmt.export(self.state_dict(), self.config).items()}
-        name = self.weights_names[0] + (f".{variant}" if variant else "")
+        stem = self.weights_names[0] if safe_serialization else self.weights_names[-1]
+        name = stem + (f".{variant}" if variant else "")
         if safe_serialization:
             from safetensors.torch import save_file
 
