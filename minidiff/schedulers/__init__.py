@@ -1,0 +1,33 @@
+"""The nine samplers the Stable Diffusion tutorials swap in, each in its own file, diffusers-exact.
+
+`SCHEDULERS` maps each class name to its class (the CLI lists these names). Every class takes
+diffusers' config keys, and `Other.from_config(scheduler.config)` swaps one for another.
+"""
+
+from .common import SchedulerMixin, SchedulerOutput
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpm_solver_multistep import DPMSolverMultistepScheduler
+from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .heun import HeunDiscreteScheduler
+from .lms import LMSDiscreteScheduler
+from .pndm import PNDMScheduler
+from .unipc import UniPCMultistepScheduler
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    cls.__name__: cls
+    for cls in (
+        DDPMScheduler,
+        DDIMScheduler,
+        PNDMScheduler,
+        LMSDiscreteScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        HeunDiscreteScheduler,
+        DPMSolverMultistepScheduler,
+        UniPCMultistepScheduler,
+    )
+}
+
+__all__ = [*SCHEDULERS, "SCHEDULERS", "SchedulerMixin", "SchedulerOutput"]

@@ -1,0 +1,92 @@
+"""DDIM: the non-Markovian sampler x_{t-1} = sqrt(ᾱ_{t-1}) x̂_0 + sqrt(1 - ᾱ_{t-1} - σ_t²) ε̂ + σ_t z.
+
+η = 0 is deterministic (DDIM proper), η = 1 recovers DDPM's posterior variance.
+
+References:
+1. Song, Meng & Ermon, "Denoising Diffusion Implicit Models", 2021 (eqs. 12 and 16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import DiscreteScheduler, SchedulerOutput, randn, register_to_config, spaced_timesteps, vp_x0_eps
+
+
+class DDIMScheduler(DiscreteScheduler):
+    """Denoising Diffusion Implicit Models (Song et al., 2021)."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        self._init_noise_schedule()
+        self._check_common()
+        # ᾱ "before" step 0: 1 (a clean x_0) or ᾱ_0 as the original implementation had it
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        self.num_inference_steps = self._check_num_steps(num_inference_steps)
+        c = self.config
+        ts = spaced_timesteps(c.timestep_spacing, self.num_inference_steps, c.num_train_timesteps, c.steps_offset, "DDIMScheduler")
+        self.timesteps = torch.from_numpy(ts.round().astype(np.int64)).to(device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        self._check_ready()
+        if variance_noise is not None and generator is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        t = int(timestep)
+        # diffusers steps back by T // N whatever the spacing (so trailing / linspace may skip a listed step)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        ab_t = self.alphas_cumprod[t]
+        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+
+        x0, eps = vp_x0_eps(model_output, sample, ab_t**0.5, (1 - ab_t) ** 0.5, self.config.prediction_type)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        if use_clipped_model_output:  # re-derive ε̂ from the clipped x̂_0 (as in GLIDE)
+            eps = (sample - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
+
+        # σ_t(η) [1, eq. 16]
+        sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) ** 0.5
+        # [1, eq. 12]: predicted x_0, direction pointing to x_t, random noise
+        prev_sample = ab_prev**0.5 * x0 + (1 - ab_prev - sigma**2) ** 0.5 * eps
+        if eta > 0:
+            if variance_noise is None:
+                variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            prev_sample = prev_sample + sigma * variance_noise
+        if not return_dict:
+            return prev_sample, x0
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

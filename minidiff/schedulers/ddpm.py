@@ -1,0 +1,141 @@
+"""DDPM ancestral sampling: x_{t-1} ~ q(x_{t-1} | x_t, x̂_0), the posterior of the forward process.
+
+References:
+1. Ho et al., "Denoising Diffusion Probabilistic Models", 2020 (eqs. 6-7).
+2. Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models", 2021 (learned variance).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import DiscreteScheduler, SchedulerOutput, check_choice, randn, register_to_config, spaced_timesteps, vp_x0_eps
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+
+class DDPMScheduler(DiscreteScheduler):
+    """Denoising Diffusion Probabilistic Models (Ho et al., 2020), with sub-sampled timesteps."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        self._init_noise_schedule(schedules=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"))
+        self._check_common()
+        check_choice("variance_type", variance_type, VARIANCE_TYPES, type(self).__name__)
+        self.one = torch.tensor(1.0)
+        self.custom_timesteps = False
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self.variance_type = variance_type
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Choose the steps to sample at: `num_inference_steps` spaced ones, or a descending custom list."""
+        T = self.config.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None:
+            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
+                raise ValueError(f"custom timesteps must be strictly descending, got {list(timesteps)}")
+            if timesteps[0] >= T:
+                raise ValueError(f"custom timesteps must be below num_train_timesteps={T}, got {timesteps[0]}")
+            ts = np.array(timesteps, dtype=np.int64)
+            self.num_inference_steps = len(ts)
+        else:
+            self.num_inference_steps = self._check_num_steps(num_inference_steps)
+            c = self.config
+            ts = spaced_timesteps(c.timestep_spacing, self.num_inference_steps, T, c.steps_offset, type(self).__name__)
+            ts = ts.round().astype(np.int64)
+        self.custom_timesteps = timesteps is not None
+        self.timesteps = torch.from_numpy(ts).to(device)
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The step after `timestep` in `timesteps`, or -1 (x_0) after the last."""
+        i = (self.timesteps == timestep).nonzero()
+        if len(i) == 0:
+            raise ValueError(f"DDPMScheduler: timestep {timestep} is not one of scheduler.timesteps")
+        i = i[0].item()
+        return self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else -1
+
+    def _variance(self, t: int, prev_t: int, predicted_variance: torch.Tensor | None) -> torch.Tensor:
+        """What multiplies the unit noise: σ_t (or its log for the *_log types, as diffusers stores them)."""
+        ab_t = self.alphas_cumprod[t]
+        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        beta_t = 1 - ab_t / ab_prev
+        # β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t: the true posterior variance ("small"); β_t is the "large" bound
+        small = torch.clamp((1 - ab_prev) / (1 - ab_t) * beta_t, min=1e-20)
+        kind = self.config.variance_type
+        if kind == "fixed_small":
+            return small**0.5
+        if kind == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(small))
+        if kind in ("fixed_large", "fixed_large_log"):
+            # diffusers' fixed_large_log takes the square root of log β_t, which is NaN; the log form
+            # of the same variance β_t is meant, and gives this
+            return beta_t**0.5
+        if predicted_variance is None:
+            raise ValueError(f"variance_type={kind!r} needs a model output with twice the sample's channels")
+        if kind == "learned":  # the network predicts the variance itself
+            return predicted_variance**0.5
+        frac = (predicted_variance + 1) / 2  # learned_range: interpolate log-variances [2, eq. 15]
+        return torch.exp(0.5 * (frac * torch.log(beta_t) + (1 - frac) * torch.log(small)))
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        """Sample x_{t-1} from the posterior q(x_{t-1} | x_t, x̂_0) [1, eqs. 6-7]."""
+        self._check_ready()
+        t = int(timestep)
+        prev_t = self.previous_timestep(t)
+        predicted_variance = None
+        if self.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+
+        ab_t = self.alphas_cumprod[t]
+        ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        alpha_t = ab_t / ab_prev  # the one-step α between the two (possibly distant) timesteps
+        beta_t = 1 - alpha_t
+        x0, _ = vp_x0_eps(model_output, sample, ab_t**0.5, (1 - ab_t) ** 0.5, self.config.prediction_type)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+
+        # posterior mean μ̃_t(x_t, x_0) [1, eq. 7]
+        mean = (ab_prev**0.5 * beta_t / (1 - ab_t)) * x0 + (alpha_t**0.5 * (1 - ab_prev) / (1 - ab_t)) * sample
+        prev_sample = mean
+        if t > 0:
+            noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            prev_sample = mean + self._variance(t, prev_t, predicted_variance) * noise
+        if not return_dict:
+            return prev_sample, x0
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

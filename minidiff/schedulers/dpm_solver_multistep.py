@@ -1,0 +1,210 @@
+"""DPM-Solver++ (multistep, orders 1-3) and its SDE variant, in the data-prediction form.
+
+With α_t = 1 / sqrt(σ² + 1), σ_t = σ α_t and the log-SNR λ = log(α_t / σ_t), the exact solution of
+the diffusion ODE from s to t (h = λ_t - λ_s) is x_t = (σ_t/σ_s) x_s + σ_t ∫ e^λ x̂_0(λ) dλ;
+DPM-Solver++ expands x̂_0 in λ with the last 1-3 denoised outputs D0, D1, D2 [2, Algorithm 2].
+The SDE variant adds noise so that x_t matches the reverse SDE [2, §5]:
+    ODE: x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) D0 + ...
+    SDE: x_t = (σ_t/σ_s) e^{-h} x_s + α_t (1 - e^{-2h}) D0 + ... + σ_t sqrt(1 - e^{-2h}) z
+
+References:
+1. Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling", 2022.
+2. Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", 2022.
+3. Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", 2022 (σ schedule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import (
+    SchedulerOutput, SigmaScheduler, check_choice, check_off, karras_sigmas, randn, register_to_config, sigma_to_t,
+    solver_timesteps, vp_x0_eps,
+)  # fmt: skip
+
+
+def alpha_sigma_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(α_t, σ_t, λ_t) of the VP process at the VE noise level σ."""
+    alpha_t = 1 / (sigma**2 + 1) ** 0.5
+    sigma_t = sigma * alpha_t
+    return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
+
+
+class DPMSolverMultistepScheduler(SigmaScheduler):
+    """DPM-Solver++ multistep, ODE and SDE (Lu et al., 2022)."""
+
+    order = 1
+    _unknown_timestep_is_last = True
+    _variance_preserving = True
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+    ) -> None:
+        name = type(self).__name__
+        # configs of sibling solvers carry their own names: map them as diffusers does
+        if algorithm_type == "deis":
+            self._replace_config(algorithm_type="dpmsolver++")
+        if solver_type in ("logrho", "bh1", "bh2"):
+            self._replace_config(solver_type="midpoint")
+        c = self.config
+        self._init_noise_schedule()
+        self._check_common()
+        check_choice("algorithm_type", c.algorithm_type, ("dpmsolver++", "sde-dpmsolver++"), name)
+        check_choice("solver_type", c.solver_type, ("midpoint", "heun"), name)
+        check_choice("solver_order", solver_order, (1, 2, 3), name)
+        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), name)
+        check_off(
+            name, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas,
+            use_flow_sigmas=use_flow_sigmas, use_dynamic_shifting=use_dynamic_shifting,
+        )  # fmt: skip
+        if use_karras_sigmas and use_lu_lambdas:
+            raise ValueError(f"{name}: use_karras_sigmas and use_lu_lambdas cannot both be set")
+        self.lambda_t = torch.log(self.alphas_cumprod.sqrt()) - torch.log((1 - self.alphas_cumprod).sqrt())
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        self.sigmas = torch.from_numpy(self.train_sigmas)
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self.model_outputs: list[torch.Tensor | None] = [None] * self.config.solver_order  # D's, newest last
+        self.lower_order_nums = 0  # steps taken so far (caps the usable order)
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        c = self.config
+        T = c.num_train_timesteps
+        n = self._check_num_steps(num_inference_steps)
+        # leave out the end of the schedule whose log-SNR is below lambda_min_clipped (for cosine schedules)
+        clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
+        ts = solver_timesteps(c.timestep_spacing, n, T, c.steps_offset, T - clipped, type(self).__name__)
+        train = self.train_sigmas
+        if c.use_karras_sigmas or c.use_lu_lambdas:
+            if c.use_karras_sigmas:
+                sigmas, ts = self._karras(train[0].item(), train[-1].item(), n)
+            else:  # evenly spaced in log σ, i.e. in λ (Lu et al.'s uniform-λ schedule)
+                log_train = np.log(train)
+                sigmas = np.exp(karras_sigmas(log_train[0].item(), log_train[-1].item(), n, rho=1.0))
+                ts = sigma_to_t(sigmas, log_train)
+            if c.beta_schedule != "squaredcos_cap_v2":
+                ts = ts.round()
+        else:
+            sigmas = np.interp(ts, np.arange(len(train)), train)
+        sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
+        self._set_table(ts, np.append(sigmas, sigma_last), device, torch.int64)
+        self.num_inference_steps = len(ts)
+        self._reset_history()
+
+    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """x̂_0 from the network output at the current σ."""
+        if self.config.variance_type in ("learned", "learned_range") and self.config.prediction_type == "epsilon":
+            # drop the predicted-variance channels (diffusers keeps the first 3: the same for RGB models)
+            model_output = model_output[:, : sample.shape[1]]
+        alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[self._step_index])
+        return vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
+
+    def _update(self, order: int, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """One DPM-Solver++ step of the given order from σ_i to σ_{i+1}, using the last `order` D's."""
+        i = self._step_index
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1])
+        _, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[i])
+        h = lambda_t - lambda_s
+        m = self.model_outputs
+        D0, D1, D2 = m[-1], None, None
+        if order >= 2:
+            lambda_s1 = alpha_sigma_lambda(self.sigmas[i - 1])[2]
+            r0 = (lambda_s - lambda_s1) / h
+            D1 = (1.0 / r0) * (m[-1] - m[-2])
+        if order == 3:
+            lambda_s2 = alpha_sigma_lambda(self.sigmas[i - 2])[2]
+            r1 = (lambda_s1 - lambda_s2) / h
+            D1_0, D1_1 = D1, (1.0 / r1) * (m[-2] - m[-3])
+            D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+            D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+        midpoint = order == 2 and self.config.solver_type == "midpoint"
+
+        if self.config.algorithm_type == "dpmsolver++":
+            phi_1 = torch.exp(-h) - 1.0
+            x_t = (sigma_t / sigma_s) * x - (alpha_t * phi_1) * D0
+            if D1 is not None:
+                x_t = x_t - 0.5 * (alpha_t * phi_1) * D1 if midpoint else x_t + (alpha_t * (phi_1 / h + 1.0)) * D1
+            if D2 is not None:
+                x_t = x_t - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2
+            return x_t
+        # sde-dpmsolver++
+        phi_2 = 1.0 - torch.exp(-2.0 * h)
+        x_t = (sigma_t / sigma_s * torch.exp(-h)) * x + (alpha_t * phi_2) * D0
+        if D1 is not None:
+            x_t = x_t + 0.5 * (alpha_t * phi_2) * D1 if midpoint else x_t + (alpha_t * (phi_2 / (-2.0 * h) + 1.0)) * D1
+        if D2 is not None:
+            x_t = x_t + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
+        return x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        self._init_step_index(timestep)
+        c = self.config
+        i, n = self._step_index, len(self.timesteps)
+        # lower orders near the end are more stable for few steps; a final σ = 0 needs a first-order step
+        final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
+        second_to_final = i == n - 2 and c.lower_order_final and n < 15
+
+        denoised = self._denoised(model_output, sample)
+        self.model_outputs = self.model_outputs[1:] + [denoised]
+        x = sample.to(torch.float32)
+        noise = None
+        if c.algorithm_type == "sde-dpmsolver++":
+            if variance_noise is None:
+                noise = randn(model_output.shape, generator, model_output.device, torch.float32)
+            else:
+                noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+
+        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
+            order = 1
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or second_to_final:
+            order = 2
+        else:
+            order = 3
+        prev_sample = self._update(order, x, noise).to(model_output.dtype)
+        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)

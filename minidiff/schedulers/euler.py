@@ -1,0 +1,142 @@
+"""Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ  [1, Algorithm 2 without the Heun correction].
+
+With s_churn > 0 each step first adds noise to raise σ to σ̂ = σ (1 + γ) (the stochastic sampler of [1, Algorithm 2]).
+
+References:
+1. Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", 2022.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import (
+    SchedulerOutput, SigmaScheduler, check_choice, check_off, randn, register_to_config, sigma_to_t, ve_denoised,
+)  # fmt: skip
+
+
+def reject_step_indices(timestep: Any, owner: str) -> None:
+    """Sigma samplers take the timestep value, not the loop index: catch the `enumerate` mistake."""
+    if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
+        raise ValueError(
+            f"{owner}.step() got an integer timestep ({timestep}); pass an element of scheduler.timesteps "
+            "(floats), not a loop index"
+        )
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
+    """Euler sampler in σ (Karras et al., 2022, Algorithm 2 with first-order steps)."""
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        prediction_type: str = "epsilon",
+        interpolation_type: str = "linear",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        timestep_spacing: str = "linspace",
+        timestep_type: str = "discrete",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        final_sigmas_type: str = "zero",
+    ) -> None:
+        name = type(self).__name__
+        self._init_noise_schedule()
+        self._check_common()
+        check_choice("interpolation_type", interpolation_type, ("linear", "log_linear"), name)
+        check_choice("timestep_type", timestep_type, ("discrete", "continuous"), name)
+        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), name)
+        check_off(name, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas)
+        self.num_inference_steps = None
+        self._set_table(np.arange(num_train_timesteps - 1, -1, -1), np.append(self.train_sigmas[::-1], 0.0), None, torch.float32)
+        if self._continuous_timesteps:
+            self.timesteps = 0.25 * self.sigmas[:-1].log()
+
+    @property
+    def _continuous_timesteps(self) -> bool:
+        # EDM-style v-prediction models (e.g. SD 2 upscalers) are conditioned on c_noise = log(σ) / 4
+        return self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction"
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
+    ) -> None:
+        """`num_inference_steps` spaced steps, or custom descending `timesteps`, or custom `sigmas` (final one included)."""
+        c = self.config
+        if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
+            raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas")
+        if timesteps is not None and c.use_karras_sigmas:
+            raise ValueError("custom timesteps cannot be combined with use_karras_sigmas=True")
+        if timesteps is not None and self._continuous_timesteps:
+            raise ValueError("custom timesteps cannot be combined with continuous timesteps")
+        train = self.train_sigmas
+        if sigmas is not None:
+            self.num_inference_steps = len(sigmas) - 1
+            sigmas = np.array(sigmas, dtype=np.float32)
+            ts = sigma_to_t(sigmas[:-1], np.log(train))
+        else:
+            if timesteps is not None:
+                n = self.num_inference_steps = len(timesteps)
+                ts = np.array(timesteps, dtype=np.float32)
+                sigmas = np.interp(ts, np.arange(len(train)), train)
+            else:
+                n = self.num_inference_steps = self._check_num_steps(num_inference_steps)
+                ts, sigmas = self._spaced_sigmas(n)  # σ linear in t between training steps
+            if c.interpolation_type == "log_linear":  # n + 1 log-spaced σ from σ_max to σ_min, whatever the t's (diffusers)
+                sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
+            if c.use_karras_sigmas:
+                sigmas, ts = self._karras(sigmas[-1].item(), sigmas[0].item(), n)
+            sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
+            sigmas = np.append(sigmas, sigma_last).astype(np.float32)
+        self._set_table(ts, sigmas, device, torch.float32)
+        if self._continuous_timesteps:
+            self.timesteps = (0.25 * self.sigmas[:-1].log()).to(device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> SchedulerOutput | tuple:
+        reject_step_indices(timestep, type(self).__name__)
+        self._init_step_index(timestep)
+        i = self._step_index
+        x = sample.to(torch.float32)
+        sigma = self.sigmas[i]
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:  # churn: add noise to go up from σ to σ̂
+            eps = randn(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
+            x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
+        # diffusers evaluates ε at σ̂ but v at σ (they only differ when churning)
+        pt = self.config.prediction_type
+        denoised = ve_denoised(model_output, x, sigma_hat if pt == "epsilon" else sigma, pt)
+        d = (x - denoised) / sigma_hat
+        dt = self.sigmas[i + 1] - sigma_hat
+        prev_sample = (x + d * dt).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)

@@ -1,0 +1,96 @@
+"""Heun's method (explicit trapezoid) on dx/dσ = (x - D(x; σ)) / σ  [1, Algorithm 1].
+
+Each step costs two network evaluations, so `timesteps` lists every step but the first twice
+and step() alternates: an Euler predictor to σ_{i+1}, then the corrector that averages the
+slopes at σ_i and σ_{i+1} and redoes the step from x_i. The last step (to σ = 0) is Euler only.
+
+References:
+1. Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", 2022.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import SchedulerOutput, SigmaScheduler, check_off, register_to_config, ve_denoised
+
+
+class HeunDiscreteScheduler(SigmaScheduler):
+    """Heun's second-order sampler in σ (Karras et al., 2022, Algorithm 1)."""
+
+    order = 2
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        prediction_type: str = "epsilon",
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+    ) -> None:
+        self._init_noise_schedule(schedules=("linear", "scaled_linear", "squaredcos_cap_v2", "exp"))
+        self._check_common()
+        check_off(type(self).__name__, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas)
+        self.num_inference_steps = None
+        self._set_table(np.arange(num_train_timesteps - 1, -1, -1), np.append(self.train_sigmas[::-1], 0.0), None, torch.float32)
+        self._reset_stage()
+
+    def _reset_stage(self) -> None:
+        self.prev_derivative: torch.Tensor | None = None  # slope at σ_i, kept for the corrector
+        self.dt: torch.Tensor | None = None
+        self.sample: torch.Tensor | None = None  # x_i, the corrector restarts from it
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True when the next step() call is a predictor (Euler) stage."""
+        return self.dt is None
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        n = self.num_inference_steps = self._check_num_steps(num_inference_steps)
+        ts, sigmas = self._spaced_sigmas(n)
+        if self.config.use_karras_sigmas:
+            sigmas, ts = self._karras(sigmas[-1].item(), sigmas[0].item(), n)
+        sigmas = np.append(sigmas, 0.0).astype(np.float32)
+        # [σ_0, σ_1, σ_1, σ_2, σ_2, ..., σ_{n-1}, σ_{n-1}, 0] and [t_0, t_1, t_1, ..., t_{n-1}, t_{n-1}]
+        sigmas = np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])
+        ts = np.concatenate([ts[:1], np.asarray(ts[1:]).repeat(2)])
+        self._set_table(ts, sigmas, device, torch.float32)
+        self._reset_stage()
+
+    def step(
+        self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
+        self._init_step_index(timestep)
+        i = self._step_index
+        first = self.state_in_first_order
+        # predictor: from sigmas[i] to sigmas[i+1]; corrector: the same step, seen from index i = (that) + 1
+        sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
+        # the network was evaluated at σ (predictor) or at σ_next (corrector)
+        denoised = ve_denoised(model_output, sample, sigma if first else sigma_next, self.config.prediction_type)
+        if self.config.clip_sample:
+            denoised = denoised.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        if first:
+            d = (sample - denoised) / sigma
+            self.prev_derivative, self.dt, self.sample = d, sigma_next - sigma, sample
+            prev_sample = sample + d * self.dt
+        else:
+            d = (sample - denoised) / sigma_next
+            d = (self.prev_derivative + d) / 2
+            prev_sample = self.sample + d * self.dt
+            self._reset_stage()
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)

@@ -1,0 +1,184 @@
+"""UniPC: a unified predictor (UniP) and corrector (UniC) of any order for the diffusion ODE.
+
+Both work in the log-SNR λ like DPM-Solver (h = λ_t - λ_s, x̂ = x̂_0 or ε̂ for predict_x0=False).
+UniP-p extrapolates from the last p outputs: with r_k = (λ_{s_k} - λ_s) / h and
+D_k = (m_{s_k} - m_s) / r_k, the coefficients ρ solve R ρ = b, R_{jk} = r_k^j, where
+b_j = j! φ_{j+1}(h) / B(h) and B(h) = h (bh1) or e^h - 1 (bh2) [1, Algorithm 2 / Table 1]:
+    x_t = (σ_t/σ_s) x_s - α_t (e^{-h} - 1) m_s - α_t B(h) Σ_k ρ_k D_k      (x̂_0 form, h → -h)
+UniC reruns the same update once m_t is known, adding D_t = m_t - m_s as the newest point, which
+raises the order by one at no extra network evaluation.
+
+References:
+1. Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models", 2023.
+2. Lu et al., "DPM-Solver++", 2022 (the λ parameterisation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .common import SchedulerOutput, SigmaScheduler, check_choice, check_off, register_to_config, solver_timesteps, vp_x0_eps
+from .dpm_solver_multistep import alpha_sigma_lambda
+
+
+class UniPCMultistepScheduler(SigmaScheduler):
+    """UniPC multistep predictor-corrector, bh1 / bh2 (Zhao et al., 2023)."""
+
+    order = 1
+    _unknown_timestep_is_last = True
+    _variance_preserving = True
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: list[int] = [],  # noqa: B006 (diffusers' default, never mutated)
+        solver_p: Any = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        shift_terminal: float | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if solver_type in ("midpoint", "heun", "logrho"):  # a DPM-Solver / DEIS config: diffusers maps it
+            self._replace_config(solver_type="bh2")
+        self._init_noise_schedule()
+        self._check_common()
+        check_choice("solver_type", self.config.solver_type, ("bh1", "bh2"), name)
+        check_choice("solver_order", solver_order, (1, 2, 3), name)
+        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), name)
+        check_off(
+            name, solver_p=solver_p, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas,
+            use_flow_sigmas=use_flow_sigmas, use_dynamic_shifting=use_dynamic_shifting,
+            shift_terminal=shift_terminal is not None,
+        )  # fmt: skip
+        self.predict_x0 = predict_x0
+        self.disable_corrector = list(disable_corrector)
+        self.num_inference_steps = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        self.sigmas = torch.from_numpy(self.train_sigmas)
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self.model_outputs: list[torch.Tensor | None] = [None] * self.config.solver_order  # converted, newest last
+        self.lower_order_nums = 0
+        self.last_sample: torch.Tensor | None = None  # x_s of the previous step, for the corrector
+        self.this_order = 1  # the predictor order of the previous step = the corrector order of this one
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        c = self.config
+        n = self._check_num_steps(num_inference_steps)
+        ts = solver_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset, owner=type(self).__name__)
+        train = self.train_sigmas
+        if c.use_karras_sigmas:
+            sigmas, ts = self._karras(train[0].item(), train[-1].item(), n)
+            ts = ts.round()
+            sigma_last = 0.0 if c.final_sigmas_type == "zero" else sigmas[-1]  # (not σ at t = 0: diffusers)
+        else:
+            sigmas = np.interp(ts, np.arange(len(train)), train)
+            sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
+        self._set_table(ts, np.append(sigmas, sigma_last), device, torch.int64)
+        self.num_inference_steps = len(ts)
+        self._reset_history()
+
+    def _convert(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The solver's variable at the current σ: x̂_0 (predict_x0) or ε̂."""
+        alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[self._step_index])
+        if self.predict_x0:
+            return vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
+        if self.config.prediction_type == "epsilon":
+            return model_output
+        return vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[1]
+
+    def _bh_update(self, x: torch.Tensor, t: int, s: int, order: int, m_t: torch.Tensor | None = None) -> torch.Tensor:
+        """From x at sigmas[s] to sigmas[t], with the outputs at sigmas[s], sigmas[s-1], ... (model_outputs, newest last).
+
+        m_t given: the corrector (UniC), which also uses the output at the target; else the predictor (UniP).
+        """
+        device = x.device
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[t].to(device))
+        alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[s].to(device))
+        h = lambda_t - lambda_s
+        m = self.model_outputs
+        m_s = m[-1]
+        rks, D1s = [], []
+        for k in range(1, order):
+            lambda_k = alpha_sigma_lambda(self.sigmas[s - k].to(device))[2]
+            rk = (lambda_k - lambda_s) / h
+            rks.append(rk)
+            D1s.append((m[-(k + 1)] - m_s) / rk)
+        rks = torch.stack(rks + [torch.ones((), device=device)])
+
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = torch.expm1(hh)  # h φ_1(h) = e^h - 1
+        h_phi_k = h_phi_1 / hh - 1
+        B_h = hh if self.config.solver_type == "bh1" else torch.expm1(hh)
+        R, b, factorial = [], [], 1
+        for j in range(1, order + 1):
+            R.append(rks ** (j - 1))
+            b.append(h_phi_k * factorial / B_h)
+            factorial *= j + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        R, b = torch.stack(R), torch.stack(b)
+
+        if self.predict_x0:
+            x_t, scale = sigma_t / sigma_s * x - alpha_t * h_phi_1 * m_s, alpha_t * B_h
+        else:
+            x_t, scale = alpha_t / alpha_s * x - sigma_t * h_phi_1 * m_s, sigma_t * B_h
+        if m_t is None:  # UniP: order-2 uses ρ = 1/2 outright (diffusers), higher orders solve R ρ = b
+            if not D1s:
+                return x_t.to(x.dtype)
+            rhos = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+            correction = sum(r * d for r, d in zip(rhos.to(device, x.dtype), D1s))
+        else:  # UniC: the newest point D_t = m_t - m_s joins the fit
+            rhos = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(R, b)
+            rhos = rhos.to(device, x.dtype)
+            correction = sum(r * d for r, d in zip(rhos[:-1], D1s)) + rhos[-1] * (m_t - m_s)
+        return (x_t - scale * correction).to(x.dtype)
+
+    def step(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
+        self._init_step_index(timestep)
+        c = self.config
+        i = self._step_index
+        m_t = self._convert(model_output, sample)
+        if i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None:
+            # UniC: refine the sample the previous predictor produced, now that its output is known
+            sample = self._bh_update(self.last_sample, i, i - 1, self.this_order, m_t=m_t)
+        self.model_outputs = self.model_outputs[1:] + [m_t]
+        # warm up from order 1; with lower_order_final, never look past the remaining steps
+        order = min(c.solver_order, len(self.timesteps) - i) if c.lower_order_final else c.solver_order
+        self.this_order = min(order, self.lower_order_nums + 1)
+        self.last_sample = sample
+        prev_sample = self._bh_update(sample, i + 1, i, self.this_order)
+        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=m_t if self.predict_x0 else None)
