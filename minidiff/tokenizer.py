@@ -107,6 +107,23 @@ def _truncates(truncation: bool | str | None) -> bool:
     raise ValueError(f"truncation must be True, False or 'longest_first', got {truncation!r}")
 
 
+def _read_bpe_files(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    try:
+        return BPE.read_file(str(vocab_path), str(merges_path))
+    except Exception as e:  # the Rust reader raises plain Exceptions
+        raise CheckpointError(f"cannot read the BPE files {vocab_path} and {merges_path}: {e}") from e
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of a `tokenizers` tokenizer.json with a BPE model."""
+    model = load_json(path).get("model") or {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise CheckpointError(f"{path} does not hold a BPE model with a vocab and merges")
+    # merges are "a b" strings in older files, [a, b] pairs in newer ones
+    return vocab, [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+
+
 class CLIPTokenizer:
     """CLIP's tokenizer: `tok(prompts, padding="max_length", max_length=77, truncation=True,
     return_tensors="pt").input_ids`."""
@@ -180,7 +197,16 @@ class CLIPTokenizer:
         get = lambda name, required: resolve_file(  # noqa: E731
             path_or_hub_id, name, subfolder, local_files_only=local_files_only, required=required
         )
-        vocab_path, merges_path = get("vocab.json", True), get("merges.txt", True)
+        vocab_path = get("vocab.json", False)
+        if vocab_path is not None:
+            vocab, merges = _read_bpe_files(vocab_path, get("merges.txt", True))
+        else:
+            # transformers 5 saves only the fast tokenizer's tokenizer.json: its BPE model holds the same tables
+            fast_path = get("tokenizer.json", False)
+            if fast_path is None:
+                where = f"{path_or_hub_id}" + (f"/{subfolder}" if subfolder else "")
+                raise FileNotFoundError(f"no tokenizer in {where}: it needs vocab.json + merges.txt (or tokenizer.json)")
+            vocab, merges = _read_tokenizer_json(fast_path)
         config_path, special_path = get("tokenizer_config.json", False), get("special_tokens_map.json", False)
         config = load_json(config_path) if config_path else {}
         # transformers' precedence: kwargs > special_tokens_map.json > tokenizer_config.json, and
@@ -189,10 +215,6 @@ class CLIPTokenizer:
             config.update(load_json(special_path))
         config.update(kwargs)
 
-        try:
-            vocab, merges = BPE.read_file(str(vocab_path), str(merges_path))
-        except Exception as e:  # the Rust reader raises plain Exceptions
-            raise CheckpointError(f"cannot read the BPE files {vocab_path} and {merges_path}: {e}") from e
         decoder = config.get("added_tokens_decoder") or {}
         if not isinstance(decoder, dict):
             raise CheckpointError(f"added_tokens_decoder in {config_path} must be an object")

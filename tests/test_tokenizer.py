@@ -576,3 +576,19 @@ def test_corrupt_vocab_file_is_a_clear_error(tokenizer_dirs: dict[str, Path], tm
     (tmp_path / "vocab.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="vocab.json"):
         CLIPTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_tokenizer_json_only_folder(kind: str, tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """transformers 5 saves a tokenizer as tokenizer.json alone: the same ids must come out."""
+    theirs = transformers.CLIPTokenizer.from_pretrained(tokenizer_dirs[kind])
+    theirs.save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists() and (tmp_path / "tokenizer.json").exists()
+    ours = CLIPTokenizer.from_pretrained(tmp_path)
+    kwargs = dict(padding="max_length", max_length=77, truncation=True)
+    assert ours(CORPUS, **kwargs).input_ids == theirs(CORPUS, **kwargs).input_ids
+
+
+def test_folder_with_no_tokenizer_files_at_all(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        CLIPTokenizer.from_pretrained(tmp_path)
