@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,8 @@ def assert_schedule_matches(mine, ref) -> None:
 
 def diffusers_nan_at_the_end(name: str, config: dict) -> bool:
     """UniPC bh1 steps to σ = 0 with B(h) = h = -inf and computes -inf · 0 = NaN; minidiff skips the empty term."""
-    return name == "UniPCMultistepScheduler" and config.get("solver_type") == "bh1" and config.get("final_sigmas_type", "zero") == "zero"
+    bh1_to_zero = config.get("solver_type") == "bh1" and config.get("final_sigmas_type", "zero") == "zero"
+    return name == "UniPCMultistepScheduler" and bh1_to_zero
 
 
 def assert_loops_match(name: str, config: dict, steps: int, step_kwargs: dict | None = None, **loop) -> None:
@@ -130,11 +132,16 @@ def betas(schedule: str) -> dict:
 BASE = [  # beta schedule × prediction type × spacing (+ steps_offset with leading)
     dict(betas(b), prediction_type=p, timestep_spacing=s, steps_offset=1 if s == "leading" else 0)
     for b, p, s in itertools.product(
-        ("linear", "scaled_linear", "squaredcos_cap_v2"), ("epsilon", "v_prediction", "sample"), ("leading", "linspace", "trailing")
+        ("linear", "scaled_linear", "squaredcos_cap_v2"),
+        ("epsilon", "v_prediction", "sample"),
+        ("leading", "linspace", "trailing"),
     )
 ]
 TRAINED = dict(trained_betas=torch.linspace(0.0001, 0.03, 1000).tolist())
-ZERO_SNR = dict(SD, beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+ZERO_SNR = dict(
+    SD, beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+)
+SD_BETAS = dict(SD, beta_schedule="scaled_linear")
 
 CASES: list[tuple[str, dict, int, dict]] = []
 
@@ -149,67 +156,132 @@ def no_sample(configs: list[dict]) -> list[dict]:
 
 # DDPM
 add("DDPMScheduler", BASE + [TRAINED, ZERO_SNR, dict(clip_sample=False), dict(clip_sample_range=0.5)])
-add("DDPMScheduler", grid(variance_type=["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"], clip_sample=[True, False]), steps=(7,))
+add(
+    "DDPMScheduler",
+    grid(variance_type=["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"], clip_sample=[True, False]),
+    steps=(7,),
+)
 add("DDPMScheduler", [dict(beta_schedule="sigmoid"), dict(timestep_spacing="trailing")], steps=(50,))
 # DDIM
 add("DDIMScheduler", BASE + [TRAINED, ZERO_SNR, dict(set_alpha_to_one=False, clip_sample=False)])
-add("DDIMScheduler", grid(set_alpha_to_one=[True, False], clip_sample=[True, False], prediction_type=["epsilon", "v_prediction"]), steps=(10,), eta=0.7)
-add("DDIMScheduler", [dict(clip_sample=True, clip_sample_range=0.8)], steps=(10,), eta=1.0, use_clipped_model_output=True)
-add("DDIMScheduler", [dict(SD, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False)], steps=(1, 50))
+add(
+    "DDIMScheduler",
+    grid(set_alpha_to_one=[True, False], clip_sample=[True, False], prediction_type=["epsilon", "v_prediction"]),
+    eta=0.7,
+)
+add("DDIMScheduler", [dict(clip_sample=True, clip_sample_range=0.8)], eta=1.0, use_clipped_model_output=True)
+add("DDIMScheduler", [dict(SD_BETAS, steps_offset=1, clip_sample=False)], steps=(1, 50))
 # PNDM: PRK + PLMS, and PLMS only (the SD default)
-add("PNDMScheduler", no_sample(BASE), steps=(10,))
-add("PNDMScheduler", [dict(b, skip_prk_steps=True) for b in no_sample(BASE)] + [TRAINED], steps=(10,))
+add("PNDMScheduler", no_sample(BASE))
+add("PNDMScheduler", [dict(b, skip_prk_steps=True) for b in no_sample(BASE)] + [TRAINED])
 add("PNDMScheduler", grid(skip_prk_steps=[True, False], set_alpha_to_one=[True, False]), steps=(4, 25))
 add("PNDMScheduler", [dict(skip_prk_steps=True)], steps=(1, 2))
 # LMS
-add("LMSDiscreteScheduler", BASE + [TRAINED, dict(use_karras_sigmas=True), dict(SD, beta_schedule="scaled_linear", use_karras_sigmas=True, timestep_spacing="leading")])
-add("LMSDiscreteScheduler", [dict(SD, beta_schedule="scaled_linear")], steps=(1, 3, 30))
-add("LMSDiscreteScheduler", [dict(SD, beta_schedule="scaled_linear")], steps=(10,), order=2)
+add(
+    "LMSDiscreteScheduler",
+    BASE + [TRAINED, dict(use_karras_sigmas=True), dict(SD_BETAS, use_karras_sigmas=True, timestep_spacing="leading")],
+)
+add("LMSDiscreteScheduler", [SD_BETAS], steps=(1, 3, 30))
+add("LMSDiscreteScheduler", [SD_BETAS], order=2)
 # Euler
 add("EulerDiscreteScheduler", BASE + [TRAINED, ZERO_SNR])
-add("EulerDiscreteScheduler", grid(interpolation_type=["linear", "log_linear"], use_karras_sigmas=[False, True], final_sigmas_type=["zero", "sigma_min"], timestep_spacing=["linspace", "leading"]))
-add("EulerDiscreteScheduler", [dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0), dict(prediction_type="v_prediction", timestep_type="continuous")])
-add("EulerDiscreteScheduler", [dict(SD, beta_schedule="scaled_linear"), dict(prediction_type="v_prediction")], s_churn=1.0, s_tmin=0.5, s_tmax=50.0)
+add(
+    "EulerDiscreteScheduler",
+    grid(
+        interpolation_type=["linear", "log_linear"],
+        use_karras_sigmas=[False, True],
+        final_sigmas_type=["zero", "sigma_min"],
+        timestep_spacing=["linspace", "leading"],
+    ),
+)
+add(
+    "EulerDiscreteScheduler",
+    [
+        dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0),
+        dict(prediction_type="v_prediction", timestep_type="continuous"),
+    ],
+)
+add("EulerDiscreteScheduler", [SD_BETAS, dict(prediction_type="v_prediction")], s_churn=1.0, s_tmin=0.5, s_tmax=50.0)
 # Euler ancestral
 add("EulerAncestralDiscreteScheduler", no_sample(BASE) + [TRAINED, ZERO_SNR])
-add("EulerAncestralDiscreteScheduler", [dict(SD, beta_schedule="scaled_linear")], steps=(1, 30))
+add("EulerAncestralDiscreteScheduler", [SD_BETAS], steps=(1, 30))
 # Heun
 add("HeunDiscreteScheduler", BASE + [TRAINED, dict(beta_schedule="exp")])
-add("HeunDiscreteScheduler", grid(use_karras_sigmas=[False, True], clip_sample=[False, True], timestep_spacing=["linspace", "leading", "trailing"]), steps=(6,))
-# DPM-Solver++
+add(
+    "HeunDiscreteScheduler",
+    grid(use_karras_sigmas=[False, True], clip_sample=[False, True], timestep_spacing=["linspace", "leading", "trailing"]),
+    steps=(6,),
+)
+# DPM-Solver++ (Karras σ's end at σ_min, so final_sigmas_type="sigma_min" makes the last h = 0: diffusers
+# divides by it unless that step is first order)
 add("DPMSolverMultistepScheduler", BASE + [TRAINED, ZERO_SNR])
-# (Karras σ's end at σ_min, so final_sigmas_type="sigma_min" gives h = 0 and NaN in diffusers unless the last step is first order)
-add(
-    "DPMSolverMultistepScheduler",
-    [c for c in grid(algorithm_type=["dpmsolver++", "sde-dpmsolver++"], solver_order=[1, 2, 3], lower_order_final=[True, False], use_karras_sigmas=[False, True], final_sigmas_type=["zero", "sigma_min"])
-     if not (c["use_karras_sigmas"] and c["final_sigmas_type"] == "sigma_min" and c["solver_order"] > 1)],
-    steps=(8, 20),
+DPM_GRID = grid(
+    algorithm_type=["dpmsolver++", "sde-dpmsolver++"],
+    solver_order=[1, 2, 3],
+    lower_order_final=[True, False],
+    use_karras_sigmas=[False, True],
+    final_sigmas_type=["zero", "sigma_min"],
 )
 add(
     "DPMSolverMultistepScheduler",
-    grid(algorithm_type=["dpmsolver++", "sde-dpmsolver++"], solver_type=["midpoint", "heun"], solver_order=[2, 3], prediction_type=["epsilon", "v_prediction", "sample"]),
+    [c for c in DPM_GRID if not (c["use_karras_sigmas"] and c["final_sigmas_type"] == "sigma_min" and c["solver_order"] > 1)],
+    steps=(8, 20),  # below and above the 15 steps where lower_order_final kicks in
 )
 add(
     "DPMSolverMultistepScheduler",
-    [dict(euler_at_final=True, final_sigmas_type="sigma_min"), dict(use_lu_lambdas=True), dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
-     dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="trailing"),
-     dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, solver_order=2)],
+    grid(
+        algorithm_type=["dpmsolver++", "sde-dpmsolver++"],
+        solver_type=["midpoint", "heun"],
+        solver_order=[2, 3],
+        prediction_type=["epsilon", "v_prediction", "sample"],
+    ),
+)
+add(
+    "DPMSolverMultistepScheduler",
+    [
+        dict(euler_at_final=True, final_sigmas_type="sigma_min"),
+        dict(use_lu_lambdas=True),
+        dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+        dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1),
+        dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="trailing"),
+        dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, solver_order=2),
+    ],
     steps=(12,),
 )
-# UniPC (lower_order_final=False and predict_x0=False need a final σ > 0: diffusers itself overflows otherwise;
-# with Karras σ's that final σ equals the last one, h = 0, and higher orders divide by it)
+
+
+# UniPC
+def unipc_case(config: dict) -> dict:
+    # diffusers overflows on a last step to σ = 0 without lower_order_final, or with predict_x0=False
+    if not (config["lower_order_final"] and config["predict_x0"]):
+        config["final_sigmas_type"] = "sigma_min"
+    return config
+
+
+UNIPC_GRID = grid(
+    solver_type=["bh1", "bh2"],
+    solver_order=[1, 2, 3],
+    predict_x0=[True, False],
+    lower_order_final=[True, False],
+    use_karras_sigmas=[False, True],
+)
 add("UniPCMultistepScheduler", BASE + [TRAINED, ZERO_SNR])
-add(
+add(  # (Karras + σ_min final + no lower_order_final: h = 0 again)
     "UniPCMultistepScheduler",
-    [c for c in grid(solver_type=["bh1", "bh2"], solver_order=[1, 2, 3], predict_x0=[True, False], lower_order_final=[True, False], use_karras_sigmas=[False, True])
-     if (c["lower_order_final"] and c["predict_x0"]) or (c.update(final_sigmas_type="sigma_min") is None and not (c["use_karras_sigmas"] and not c["lower_order_final"]))],
+    [unipc_case(c) for c in UNIPC_GRID if c["lower_order_final"] or not c["use_karras_sigmas"]],
     steps=(8,),
 )
 add(
     "UniPCMultistepScheduler",
-    [dict(disable_corrector=[0, 2]), dict(solver_order=3, disable_corrector=[1]), dict(predict_x0=False, prediction_type="v_prediction", final_sigmas_type="sigma_min"),
-     dict(predict_x0=False, prediction_type="sample", final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min"), dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
-     dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)],
+    [
+        dict(disable_corrector=[0, 2]),
+        dict(solver_order=3, disable_corrector=[1]),
+        dict(predict_x0=False, prediction_type="v_prediction", final_sigmas_type="sigma_min"),
+        dict(predict_x0=False, prediction_type="sample", final_sigmas_type="sigma_min"),
+        dict(final_sigmas_type="sigma_min"),
+        dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+        dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0),
+    ],
     steps=(5, 16),
 )
 
@@ -233,17 +305,41 @@ def test_matrix_covers_every_scheduler():
     assert {c[0] for c in CASES} == set(ms.SCHEDULERS)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(ms.SCHEDULERS))
+def test_low_precision_samples_match_diffusers(name, dtype):
+    """Half-precision latents: the same upcasts (Euler, DPM-Solver step in float32) and the same output dtype."""
+    outs = []
+    for lib in (ms, diffusers):
+        sched = getattr(lib, name)()
+        sched.set_timesteps(6)
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(SHAPE, generator=g) * sched.init_noise_sigma).to(dtype)
+        for t in sched.timesteps:
+            kw = dict(generator=g) if takes(sched, "generator") else {}
+            x = sched.step(model(sched.scale_model_input(x, t).float(), t).to(dtype), t, x, **kw).prev_sample
+        outs.append(x)
+    assert outs[0].dtype == outs[1].dtype == dtype
+    assert rel_err(outs[0], outs[1]) <= 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # img2img: add_noise at timesteps[start], then step from there
 
 
 IMG2IMG = [
-    ("DDPMScheduler", {}), ("DDIMScheduler", dict(SD, beta_schedule="scaled_linear", steps_offset=1)),
-    ("PNDMScheduler", dict(SD, beta_schedule="scaled_linear", skip_prk_steps=True)),
-    ("LMSDiscreteScheduler", dict(SD, beta_schedule="scaled_linear")), ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
-    ("EulerAncestralDiscreteScheduler", {}), ("HeunDiscreteScheduler", {}), ("HeunDiscreteScheduler", dict(use_karras_sigmas=True)),
-    ("DPMSolverMultistepScheduler", dict(solver_order=3)), ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
-    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)), ("UniPCMultistepScheduler", dict(solver_order=3)),
+    ("DDPMScheduler", {}),
+    ("DDIMScheduler", dict(SD_BETAS, steps_offset=1)),
+    ("PNDMScheduler", dict(SD_BETAS, skip_prk_steps=True)),
+    ("LMSDiscreteScheduler", SD_BETAS),
+    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("EulerAncestralDiscreteScheduler", {}),
+    ("HeunDiscreteScheduler", {}),
+    ("HeunDiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3)),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
+    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
+    ("UniPCMultistepScheduler", dict(solver_order=3)),
 ]
 
 
@@ -287,7 +383,9 @@ SOURCES = {
     "unipc-built": lambda lib: lib.UniPCMultistepScheduler(solver_type="bh1", timestep_spacing="trailing").config,
     "ddpm-built": lambda lib: lib.DDPMScheduler(variance_type="fixed_large", clip_sample=False).config,
     # Karras σ's with a sigma range that Heun and DPM-Solver (which have no such keys) still honour
-    "euler-karras-range": lambda lib: lib.EulerDiscreteScheduler(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0, **SD).config,
+    "euler-karras-range": lambda lib: lib.EulerDiscreteScheduler(
+        use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0, **SD
+    ).config,
 }
 
 
@@ -356,7 +454,10 @@ def test_step_before_set_timesteps(name):
 
 
 @pytest.mark.parametrize("name", list(ms.SCHEDULERS))
-@pytest.mark.parametrize("key,value", [("beta_schedule", "cubic"), ("prediction_type", "noise"), ("timestep_spacing", "uniform"), ("thresholding", True)])
+@pytest.mark.parametrize(
+    "key,value",
+    [("beta_schedule", "cubic"), ("prediction_type", "noise"), ("timestep_spacing", "uniform"), ("thresholding", True)],
+)
 def test_bad_options(name, key, value):
     cls = getattr(ms, name)
     if key not in cls.__init__.config_keys:
@@ -449,12 +550,15 @@ def test_ddpm_custom_timesteps_match_diffusers():
 
 def test_euler_custom_sigmas_match_diffusers():
     custom = [14.6, 6.4, 3.8, 2.6, 1.8, 1.3, 0.9, 0.6, 0.4, 0.15, 0.0]
-    mine, ref = ms.EulerDiscreteScheduler(**SD, beta_schedule="scaled_linear"), diffusers.EulerDiscreteScheduler(**SD, beta_schedule="scaled_linear")
+    mine, ref = ms.EulerDiscreteScheduler(**SD_BETAS), diffusers.EulerDiscreteScheduler(**SD_BETAS)
     mine.set_timesteps(sigmas=custom)
     ref.set_timesteps(sigmas=custom)
     assert_schedule_matches(mine, ref)
 
 
 def test_importing_schedulers_does_not_import_scipy():
-    code = "import sys, minidiff.schedulers as s; s.LMSDiscreteScheduler().set_timesteps(5); assert 'scipy' not in sys.modules, 'scipy imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    code = (
+        "import sys, minidiff.schedulers as s; s.LMSDiscreteScheduler().set_timesteps(5); "
+        "assert 'scipy' not in sys.modules, 'scipy was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

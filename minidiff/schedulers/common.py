@@ -63,7 +63,9 @@ def check_off(owner: str, **flags: Any) -> None:
 # Noise schedule
 
 
-def betas_for_alpha_bar(num_train_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> torch.Tensor:
+def betas_for_alpha_bar(
+    num_train_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
+) -> torch.Tensor:
     """β_i = 1 - ᾱ((i+1)/T) / ᾱ(i/T), capped: the discrete steps of a continuous ᾱ(t)."""
     n = num_train_timesteps
     betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
@@ -120,7 +122,9 @@ def vp_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
     return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
 
 
-def spaced_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offset: int = 0, owner: str = "") -> np.ndarray:
+def spaced_timesteps(
+    spacing: str, n: int, num_train_timesteps: int, steps_offset: int = 0, owner: str = ""
+) -> np.ndarray:
     """n of the T training steps, descending, unrounded float64 [4, Table 2].
 
     linspace: evenly from T-1 down to 0; leading: k·(T // n) + offset (never reaches T-1);
@@ -138,7 +142,12 @@ def spaced_timesteps(spacing: str, n: int, num_train_timesteps: int, steps_offse
 
 
 def solver_timesteps(
-    spacing: str, n: int, num_train_timesteps: int, steps_offset: int = 0, last_timestep: int | None = None, owner: str = ""
+    spacing: str,
+    n: int,
+    num_train_timesteps: int,
+    steps_offset: int = 0,
+    last_timestep: int | None = None,
+    owner: str = "",
 ) -> np.ndarray:
     """The multistep solvers' spacing: n + 1 points whose smallest is dropped (so t = 0 is never used).
 
@@ -303,11 +312,11 @@ class SchedulerMixin:
     def _replace_config(self, **changes: Any) -> None:
         self.config = FrozenDict({**self.config, **changes})
 
-    def _check_common(self, *, spacing: bool = True, predictions: Sequence[str] = PREDICTION_TYPES) -> None:
+    def _check_common(self, predictions: Sequence[str] = PREDICTION_TYPES) -> None:
+        """Refuse bad option values at construction, not at the first step()."""
         name = type(self).__name__
         check_choice("prediction_type", self.config.prediction_type, predictions, name)
-        if spacing:
-            check_choice("timestep_spacing", self.config.timestep_spacing, TIMESTEP_SPACINGS, name)
+        check_choice("timestep_spacing", self.config.timestep_spacing, TIMESTEP_SPACINGS, name)
         check_off(name, thresholding=self.config.get("thresholding"))
 
     def _check_num_steps(self, num_inference_steps: int | None) -> int:
@@ -340,7 +349,7 @@ class SchedulerMixin:
 
 
 class DiscreteScheduler(SchedulerMixin):
-    """Schedulers indexed by the integer training step t (DDPM, DDIM, PNDM): x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε."""
+    """Schedulers indexed by the integer training step t (DDPM, DDIM, PNDM), in x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε."""
 
     def _init_noise_schedule(self, schedules: Sequence[str] = BETA_SCHEDULES) -> None:
         c = self.config
@@ -354,7 +363,8 @@ class DiscreteScheduler(SchedulerMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) for one timestep per batch item."""
-        ab = self.alphas_cumprod.to(original_samples.device, original_samples.dtype)[timesteps.to(original_samples.device)]
+        device = original_samples.device
+        ab = self.alphas_cumprod.to(device, original_samples.dtype)[timesteps.to(device)]
         return expand_to(ab**0.5, original_samples) * original_samples + expand_to((1 - ab) ** 0.5, noise) * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -421,7 +431,9 @@ class SigmaScheduler(SchedulerMixin):
         ts = ts.astype(np.float32)
         return ts, np.interp(ts, np.arange(len(self.train_sigmas)), self.train_sigmas)
 
-    def _karras(self, sigma_min: float, sigma_max: float, n: int, use_config: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def _karras(
+        self, sigma_min: float, sigma_max: float, n: int, use_config: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """n Karras σ's from sigma_max down to sigma_min, and the (fractional) t of each.
 
         Like diffusers, the config's sigma_min / sigma_max win when set, even when they are keys
@@ -430,6 +442,11 @@ class SigmaScheduler(SchedulerMixin):
         lo, hi = (self.config.get("sigma_min"), self.config.get("sigma_max")) if use_config else (None, None)
         sigmas = karras_sigmas(lo if lo is not None else sigma_min, hi if hi is not None else sigma_max, n)
         return sigmas, sigma_to_t(sigmas, np.log(self.train_sigmas))
+
+    def _set_training_table(self) -> None:
+        """Before set_timesteps: every training step, σ descending, then 0 (diffusers' starting state)."""
+        T = self.config.num_train_timesteps
+        self._set_table(np.arange(T - 1, -1, -1), np.append(self.train_sigmas[::-1], 0.0), None, torch.float32)
 
     def _set_table(self, timesteps: np.ndarray, sigmas: np.ndarray, device: Any, dtype: torch.dtype) -> None:
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=dtype)

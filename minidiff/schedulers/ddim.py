@@ -50,7 +50,8 @@ class DDIMScheduler(DiscreteScheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self.num_inference_steps = self._check_num_steps(num_inference_steps)
         c = self.config
-        ts = spaced_timesteps(c.timestep_spacing, self.num_inference_steps, c.num_train_timesteps, c.steps_offset, "DDIMScheduler")
+        n, T = self.num_inference_steps, c.num_train_timesteps
+        ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset, type(self).__name__)
         self.timesteps = torch.from_numpy(ts.round().astype(np.int64)).to(device)
 
     def step(

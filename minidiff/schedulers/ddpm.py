@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import DiscreteScheduler, SchedulerOutput, check_choice, randn, register_to_config, spaced_timesteps, vp_x0_eps
+from .common import (
+    DiscreteScheduler, SchedulerOutput, check_choice, randn, register_to_config, spaced_timesteps, vp_x0_eps,
+)  # fmt: skip
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 

@@ -1,6 +1,6 @@
-"""Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ  [1, Algorithm 2 without the Heun correction].
+"""Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ  [1, Algorithm 2 without Heun's correction].
 
-With s_churn > 0 each step first adds noise to raise σ to σ̂ = σ (1 + γ) (the stochastic sampler of [1, Algorithm 2]).
+With s_churn > 0 each step first adds noise to raise σ to σ̂ = σ (1 + γ): the stochastic sampler of [1, Algorithm 2].
 
 References:
 1. Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", 2022.
@@ -61,7 +61,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), name)
         check_off(name, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas)
         self.num_inference_steps = None
-        self._set_table(np.arange(num_train_timesteps - 1, -1, -1), np.append(self.train_sigmas[::-1], 0.0), None, torch.float32)
+        self._set_training_table()
         if self._continuous_timesteps:
             self.timesteps = 0.25 * self.sigmas[:-1].log()
 
@@ -77,7 +77,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
     ) -> None:
-        """`num_inference_steps` spaced steps, or custom descending `timesteps`, or custom `sigmas` (final one included)."""
+        """`num_inference_steps` spaced steps, or custom descending `timesteps`, or `sigmas` (the final one included)."""
         c = self.config
         if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas")
@@ -98,7 +98,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
             else:
                 n = self.num_inference_steps = self._check_num_steps(num_inference_steps)
                 ts, sigmas = self._spaced_sigmas(n)  # σ linear in t between training steps
-            if c.interpolation_type == "log_linear":  # n + 1 log-spaced σ from σ_max to σ_min, whatever the t's (diffusers)
+            if c.interpolation_type == "log_linear":  # n + 1 log-spaced σ, σ_max to σ_min, whatever the t's (diffusers)
                 sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
             if c.use_karras_sigmas:
                 sigmas, ts = self._karras(sigmas[-1].item(), sigmas[0].item(), n)

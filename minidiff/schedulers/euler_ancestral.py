@@ -39,7 +39,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         self._init_noise_schedule()
         self._check_common(predictions=("epsilon", "v_prediction"))  # diffusers has no "sample" here either
         self.num_inference_steps = None
-        self._set_table(np.arange(num_train_timesteps - 1, -1, -1), np.append(self.train_sigmas[::-1], 0.0), None, torch.float32)
+        self._set_training_table()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self.num_inference_steps = self._check_num_steps(num_inference_steps)

@@ -55,7 +55,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         self._check_common()
         check_off(type(self).__name__, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas)
         self.num_inference_steps = None
-        self._set_table(np.arange(num_train_timesteps - 1, -1, -1), np.append(self.train_sigmas[::-1], 0.0), None, torch.float32)
+        self._set_training_table()
         self.derivatives: list[torch.Tensor] = []
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import SchedulerOutput, SigmaScheduler, check_choice, check_off, register_to_config, solver_timesteps, vp_x0_eps
+from .common import (
+    SchedulerOutput, SigmaScheduler, check_choice, check_off, register_to_config, solver_timesteps, vp_x0_eps,
+)  # fmt: skip
 from .dpm_solver_multistep import alpha_sigma_lambda
 
 
@@ -116,7 +118,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
         return vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[1]
 
     def _bh_update(self, x: torch.Tensor, t: int, s: int, order: int, m_t: torch.Tensor | None = None) -> torch.Tensor:
-        """From x at sigmas[s] to sigmas[t], with the outputs at sigmas[s], sigmas[s-1], ... (model_outputs, newest last).
+        """From x at sigmas[s] to sigmas[t], using the outputs at sigmas[s], sigmas[s-1], ... (newest last).
 
         m_t given: the corrector (UniC), which also uses the output at the target; else the predictor (UniP).
         """
