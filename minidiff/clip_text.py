@@ -82,19 +82,6 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-class CLIPAttention(Attention):
-    """Causal self-attention; with a padding mask, an explicit boolean mask (True = may attend)."""
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if mask is None:
-            return super().forward(x, causal=True)
-        b, n, _ = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        # a query whose every key is masked (left padding) gets SDPA's all-zero row, as in transformers
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
-
-
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig) -> None:
         super().__init__()
@@ -113,12 +100,13 @@ class CLIPEncoderLayer(nn.Module):
         super().__init__()
         d, heads = config.hidden_size, config.num_attention_heads
         self.layer_norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.self_attn = CLIPAttention(d, heads=heads, head_dim=d // heads, bias=True)
+        self.self_attn = Attention(d, heads=heads, head_dim=d // heads, bias=True)
         self.layer_norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+        # causal; with a padding mask, `mask` is the combined causal + padding mask
+        x = x + self.self_attn(self.layer_norm1(x), causal=True, mask=mask)
         return x + self.mlp(self.layer_norm2(x))
 
 

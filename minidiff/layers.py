@@ -159,7 +159,14 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.Linear(inner, query_dim, bias=out_bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`mask`: an explicit boolean mask (True = may attend), used instead of `causal` when given."""
         context = x if context is None else context
         b, n, _ = x.shape
         # (B, N, heads*d) -> (B, heads, N, d)
@@ -167,10 +174,12 @@ class Attention(nn.Module):
             proj(inp).view(b, -1, self.heads, proj.out_features // self.heads).transpose(1, 2)
             for proj, inp in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
+        causal = causal and mask is None
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal).to(x.dtype)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).to(x.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            # a query whose every key is masked gets an all-zero row (as in transformers)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
