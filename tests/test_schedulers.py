@@ -285,6 +285,11 @@ add(
     steps=(5, 16),
 )
 
+# trailing spacing with n = 61: np.arange(T, 0, -T/n) has a 62nd point, so diffusers has 62 timesteps, the last -1
+for _name in ms.SCHEDULERS:
+    _trailing = dict(timestep_spacing="trailing", **({"skip_prk_steps": True} if _name == "PNDMScheduler" else {}))
+    add(_name, [_trailing], steps=(61,))
+
 
 def case_id(case) -> str:
     name, config, steps, kw = case
@@ -464,6 +469,11 @@ def test_bad_options(name, key, value):
         pytest.skip(f"{name} has no {key}")
     with pytest.raises(ValueError, match=key):
         cls(**{key: value})
+
+
+def test_pndm_with_prk_needs_four_steps():
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ms.PNDMScheduler().set_timesteps(3)
 
 
 @pytest.mark.parametrize(

@@ -309,6 +309,16 @@ class SchedulerMixin:
         config.update(_class_name=type(self).__name__, _diffusers_version=DIFFUSERS_VERSION)
         (out / self.config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+    def _init_noise_schedule(self, schedules: Sequence[str] = BETA_SCHEDULES) -> None:
+        """β, α = 1 - β and ᾱ = cumprod(α) from the config."""
+        c = self.config
+        self.betas = make_betas(
+            type(self).__name__, c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule,
+            c.trained_betas, c.get("rescale_betas_zero_snr", False), schedules,
+        )  # fmt: skip
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+
     def _replace_config(self, **changes: Any) -> None:
         self.config = FrozenDict({**self.config, **changes})
 
@@ -352,13 +362,7 @@ class DiscreteScheduler(SchedulerMixin):
     """Schedulers indexed by the integer training step t (DDPM, DDIM, PNDM), in x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε."""
 
     def _init_noise_schedule(self, schedules: Sequence[str] = BETA_SCHEDULES) -> None:
-        c = self.config
-        self.betas = make_betas(
-            type(self).__name__, c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule,
-            c.trained_betas, c.get("rescale_betas_zero_snr", False), schedules,
-        )  # fmt: skip
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        super()._init_noise_schedule(schedules)
         self.init_noise_sigma = 1.0
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -386,16 +390,9 @@ class SigmaScheduler(SchedulerMixin):
     # add_noise form: x_0 + σ ε (LMS, Euler, Heun) or α x_0 + σ_t ε with α = 1/sqrt(σ² + 1) (DPM, UniPC)
     _variance_preserving: ClassVar[bool] = False
 
-    def _init_noise_schedule(self, schedules: Sequence[str] = BETA_SCHEDULES, zero_snr_eps: bool = True) -> None:
-        c = self.config
-        rescale = c.get("rescale_betas_zero_snr", False)
-        self.betas = make_betas(
-            type(self).__name__, c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule,
-            c.trained_betas, rescale, schedules,
-        )  # fmt: skip
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale and zero_snr_eps:
+    def _init_noise_schedule(self, schedules: Sequence[str] = BETA_SCHEDULES) -> None:
+        super()._init_noise_schedule(schedules)
+        if self.config.get("rescale_betas_zero_snr"):
             self.alphas_cumprod[-1] = 2**-24  # ᾱ_T = 0 would make σ_T infinite: keep it finite
         self.train_sigmas = vp_sigmas(self.alphas_cumprod)  # σ of every training step, ascending in t
         self._step_index: int | None = None
