@@ -548,6 +548,13 @@ def test_add_noise_matches_diffusers_for_a_batch_of_timesteps():
             assert rel_err(mine.add_noise(x0, noise, t), ref.add_noise(x0, noise, t)) <= TRAJ_TOL, name
 
 
+def test_ddpm_fixed_large_log_is_fixed_large():
+    # diffusers computes sqrt(log β) here, i.e. NaN; minidiff uses the variance β the name means
+    outs = [run_loop(ms.DDPMScheduler(variance_type=kind), 8) for kind in ("fixed_large_log", "fixed_large")]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(outs[0][1:], outs[1][1:]))
+    assert torch.isfinite(outs[0][-2][0]).all()
+
+
 def test_ddpm_custom_timesteps_match_diffusers():
     mine, ref = ms.DDPMScheduler(), diffusers.DDPMScheduler()
     custom = [999, 800, 450, 200, 60, 0]

@@ -86,7 +86,7 @@ class DDPMScheduler(DiscreteScheduler):
         return self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else -1
 
     def _variance(self, t: int, prev_t: int, predicted_variance: torch.Tensor | None) -> torch.Tensor:
-        """What multiplies the unit noise: σ_t (or its log for the *_log types, as diffusers stores them)."""
+        """The std of the noise added on the way from t to prev_t, for the configured variance_type."""
         ab_t = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         beta_t = 1 - ab_t / ab_prev
