@@ -8,7 +8,7 @@ handed on to another scheduler class), so they use `FrozenDict`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 class ConfigBase:
@@ -55,3 +55,25 @@ class FrozenDict(dict):
 
     def __reduce__(self):  # picklable / deep-copyable despite the blocked mutators
         return (FrozenDict, (dict(self),))
+
+
+def check_supported(model: str, choices: Iterable[tuple[str, Iterable[Any], Iterable[Any]]]) -> None:
+    """Raise a ValueError naming the first config value minidiff does not implement.
+
+    `choices` holds (key, the values it takes, the supported values); a per-level key takes several.
+    """
+    for key, values, allowed in choices:
+        allowed = tuple(allowed)
+        for value in values:
+            if value not in allowed:
+                raise ValueError(f"{model}: {key}={value!r} is not supported by minidiff (supported: {allowed})")
+
+
+def check_levels(model: str, block_out_channels: tuple[int, ...], down_block_types: tuple[str, ...], up_block_types: tuple[str, ...]) -> None:
+    """A UNet-shaped config has one down block type, one up block type and one width per level."""
+    n = len(block_out_channels)
+    if len(down_block_types) != n or len(up_block_types) != n:
+        raise ValueError(
+            f"{model}: down_block_types ({len(down_block_types)}), up_block_types ({len(up_block_types)}) "
+            f"and block_out_channels ({n}) must have the same length"
+        )
