@@ -1,0 +1,364 @@
+"""UNet2DConditionModel: the text-conditioned latent denoiser of Stable Diffusion 1.x / 2.x.
+
+References:
+1. Rombach, Blattmann, Lorenz, Esser, Ommer. "High-Resolution Image Synthesis with Latent Diffusion
+   Models", CVPR 2022. https://arxiv.org/abs/2112.10752
+2. Ronneberger, Fischer, Brox. "U-Net: Convolutional Networks for Biomedical Image Segmentation", 2015.
+3. Vaswani et al. "Attention Is All You Need", 2017 (the transformer block, sinusoidal embedding).
+4. Shazeer. "GLU Variants Improve Transformer", 2020 (the GEGLU feed-forward).
+5. diffusers' UNet2DConditionModel, whose config keys and checkpoints this model reads.
+
+Shape of the network: conv_in -> down levels (ResNet block, then a spatial transformer attending to
+the text context, repeated; stride-2 conv) -> mid (ResNet, transformer, ResNet) -> up levels (ResNet
+blocks on the features concatenated with the matching skip, transformers, nearest x2 + conv) -> conv_out.
+
+Note the Stable Diffusion meaning of `attention_head_dim`: it is the NUMBER of heads per level (an int
+or one per level, SD2: [5, 10, 20, 20]); the per-head width is channels / heads. diffusers kept the
+misleading name for compatibility with existing configs; `num_attention_heads` overrides it if given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigBase, check_levels, check_supported
+from .layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, as_timestep_batch, timestep_embedding
+from .modeling import BaseOutput, ModelMixin
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+
+# Config keys of features minidiff does not implement (SDXL, class / image conditioning, LCM, ...):
+# accepted only at the value that switches them off, so a config using one fails loudly.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "projection_class_embeddings_input_dim": (None,),
+    "class_embeddings_concat": (False,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "time_cond_proj_dim": (None,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "dual_cross_attention": (False,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+    "reverse_transformer_layers_per_block": (None,),
+    "mid_block_only_cross_attention": (None, False),
+}
+
+
+def _per_level(value: Any, n: int, name: str) -> tuple:
+    """An int (or bool) for every level, or one value per level."""
+    if isinstance(value, tuple):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries, one per level ({n}) expected")
+        return value
+    return (value,) * n
+
+
+@dataclass(frozen=True)
+class UNet2DConditionConfig(ConfigBase):
+    sample_size: int | tuple[int, int] | None = 64
+    in_channels: int = 4  # 9 for inpainting UNets (latents + mask + masked-image latents)
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    dropout: float = 0.0  # inference only: kept so configs round-trip
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 768  # 1024 for SD2 (OpenCLIP ViT-H)
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8  # the number of heads, see the module docstring
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False  # SD2: proj_in / proj_out are Linear, not 1x1 convs
+    upcast_attention: bool = False  # SD2.1: attention in fp32 even when the model runs in fp16
+    time_embedding_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    # accepted only at their defaults (see UNSUPPORTED)
+    class_embed_type: str | None = None
+    num_class_embeds: int | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    addition_embed_type_num_heads: int = 64
+    projection_class_embeddings_input_dim: int | None = None
+    class_embeddings_concat: bool = False
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    time_cond_proj_dim: int | None = None
+    time_embedding_type: str = "positional"
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    dual_cross_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    resnet_skip_time_act: bool = False
+    resnet_out_scale_factor: float = 1.0
+    attention_type: str = "default"
+    cross_attention_norm: str | None = None
+    reverse_transformer_layers_per_block: tuple | None = None
+    mid_block_only_cross_attention: bool | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        check_levels("UNet2DConditionModel", self.block_out_channels, self.down_block_types, self.up_block_types)
+        check_supported("UNet2DConditionModel", (
+            ("down_block_types", self.down_block_types, DOWN_BLOCKS),
+            ("up_block_types", self.up_block_types, UP_BLOCKS),
+            ("mid_block_type", (self.mid_block_type,), MID_BLOCKS),
+            ("act_fn", (self.act_fn,), ("silu", "swish")),
+            *((key, (getattr(self, key),), allowed) for key, allowed in UNSUPPORTED.items()),
+            ("only_cross_attention", _per_level(self.only_cross_attention, n, "only_cross_attention"), (False,)),
+        ))
+        for key in ("layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim", "transformer_layers_per_block"):
+            for v in _per_level(getattr(self, key), n, key):
+                if not (isinstance(v, int) or (v is None and key == "num_attention_heads")):
+                    raise ValueError(f"UNet2DConditionModel: {key} must be an int or one int per level, got {getattr(self, key)!r}")
+
+    def level(self, key: str) -> tuple:
+        """A per-level setting, expanded to one value per down level."""
+        if key == "heads":  # see the module docstring: `attention_head_dim` counts heads
+            return _per_level(self.num_attention_heads or self.attention_head_dim, len(self.block_out_channels), key)
+        return _per_level(getattr(self, key), len(self.block_out_channels), key)
+
+
+@dataclass
+class UNet2DConditionOutput(BaseOutput):
+    sample: torch.Tensor
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP: one projection gives a value half and a gate half, value * gelu(gate), then back to dim."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, dim * mult * 2)
+        self.proj_out = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(value * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention, cross-attention on the text context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, head_dim=dim // heads, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads=heads, head_dim=dim // heads, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer blocks over the H*W positions of a feature map, with a residual around them all."""
+
+    def __init__(
+        self, channels: int, heads: int, context_dim: int, depth: int, groups: int, linear_projection: bool, upcast: bool
+    ) -> None:
+        super().__init__()
+        inner = heads * (channels // heads)
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        # SD1 projects with 1x1 convs, SD2 with Linear layers: the same map, stored differently
+        self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(TransformerBlock(inner, heads, context_dim, upcast) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, channels) if linear_projection else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear_projection:
+            y = self.proj_in(y)
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, H*W, C)
+        if self.linear_projection:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear_projection:
+            y = self.proj_out(y)
+        y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.linear_projection:
+            y = self.proj_out(y.contiguous())
+        return y + x
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """What the down and up levels share: ResNet norm settings and the transformer's shape."""
+
+    temb_channels: int
+    groups: int
+    eps: float
+    cross_attention: bool
+    heads: int
+    context_dim: int
+    depth: int
+    linear_projection: bool
+    upcast: bool
+
+    def transformer(self, channels: int) -> SpatialTransformer:
+        return SpatialTransformer(channels, self.heads, self.context_dim, self.depth, self.groups, self.linear_projection, self.upcast)
+
+
+class DownBlock(nn.Module):
+    """Encoder level: ResNet blocks (each followed by a spatial transformer if cross_attention),
+    then an optional stride-2 downsample. Every intermediate state is kept as a skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, spec: LevelSpec, downsample: bool, padding: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, spec.temb_channels, spec.groups, spec.eps)
+            for i in range(num_layers)
+        )
+        self.attentions = nn.ModuleList(spec.transformer(out_channels) for _ in range(num_layers)) if spec.cross_attention else None
+        self.downsample = Downsample2D(out_channels, padding=padding) if downsample else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """Decoder level: each ResNet block takes the features concatenated with one skip connection
+    (popped from the encoder's stack), optionally followed by a spatial transformer; then an
+    optional upsample to the size of the next skip, so odd latent sizes (e.g. 44x36) line up."""
+
+    def __init__(self, in_channels: list[int], out_channels: int, spec: LevelSpec, upsample: bool) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(c, out_channels, spec.temb_channels, spec.groups, spec.eps) for c in in_channels)
+        self.attentions = nn.ModuleList(spec.transformer(out_channels) for _ in in_channels) if spec.cross_attention else None
+        self.upsample = Upsample2D(out_channels) if upsample else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsample is not None:
+            x = self.upsample(x, size=skips[-1].shape[-2:])
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResNet -> spatial transformer -> ResNet at the lowest resolution."""
+
+    def __init__(self, channels: int, spec: LevelSpec, scale: float) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, spec.temb_channels, spec.groups, spec.eps, scale) for _ in range(2)
+        )
+        self.attention = spec.transformer(channels)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        x = self.attention(x, context)
+        return self.resnets[1](x, temb)
+
+
+class UNet2DConditionModel(ModelMixin):
+    """Predicts the noise (or v) in a latent, given the timestep and the text encoder's hidden states."""
+
+    config_class = UNet2DConditionConfig
+    conversion = "weights_conversion.unet_2d_condition"
+
+    def __init__(self, config: UNet2DConditionConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c: UNet2DConditionConfig = self.config
+        chs = list(c.block_out_channels)
+        temb = c.time_embedding_dim or chs[0] * 4
+        heads, context_dims, layers, depths = (c.level(k) for k in ("heads", "cross_attention_dim", "layers_per_block", "transformer_layers_per_block"))
+
+        def spec(i: int, cross_attention: bool) -> LevelSpec:
+            return LevelSpec(temb, c.norm_num_groups, c.norm_eps, cross_attention, heads[i], context_dims[i], depths[i],
+                             c.use_linear_projection, c.upcast_attention)
+
+        self.conv_in = nn.Conv2d(c.in_channels, chs[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
+        self.time_embedding = TimestepEmbedding(chs[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(c.down_block_types):
+            last = i == len(chs) - 1
+            self.down_blocks.append(DownBlock(chs[max(i - 1, 0)], chs[i], layers[i], spec(i, kind == "CrossAttnDownBlock2D"),
+                                              downsample=not last, padding=c.downsample_padding))
+
+        self.mid_block = MidBlock(chs[-1], spec(-1, True), c.mid_block_scale_factor) if c.mid_block_type is not None else None
+
+        # decoder level i mirrors encoder level L-1-i with one more ResNet; its ResNets see
+        # [features from below | skip]: the last skip comes from the encoder level below (or conv_in)
+        self.up_blocks = nn.ModuleList()
+        L = len(chs)
+        for i, kind in enumerate(c.up_block_types):
+            lvl = L - 1 - i  # the encoder level this decoder level mirrors
+            ch, below, skip_last = chs[lvl], chs[min(lvl + 1, L - 1)], chs[max(lvl - 1, 0)]
+            n = layers[lvl] + 1
+            ins = [(below if j == 0 else ch) + (skip_last if j == n - 1 else ch) for j in range(n)]
+            self.up_blocks.append(UpBlock(ins, ch, spec(lvl, kind == "CrossAttnUpBlock2D"), upsample=i < L - 1))
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(chs[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        return_dict: bool = True,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """sample (B, C, H, W), timestep (an int, float, 0-d or (B,) tensor), encoder_hidden_states (B, N, D)."""
+        c: UNet2DConditionConfig = self.config
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
+        t = as_timestep_batch(timestep, sample.shape[0], sample.device)
+        # the sinusoidal features are computed in fp32, then cast to the model's dtype
+        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype))
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, states = block(x, emb, encoder_hidden_states)
+            skips.extend(states)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, encoder_hidden_states)
+        for block in self.up_blocks:
+            x = block(x, emb, encoder_hidden_states, skips)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return UNet2DConditionOutput(sample=x) if return_dict else (x,)

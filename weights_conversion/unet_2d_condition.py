@@ -1,0 +1,60 @@
+"""diffusers UNet2DConditionModel (SD 1.x / 2.x) <-> minidiff.unet_2d_condition.UNet2DConditionModel.
+
+Deviations from diffusers' names (everything else is kept as it is):
+  down_blocks.{i}.downsamplers.0.conv.     ->  down_blocks.{i}.downsample.conv.
+  up_blocks.{i}.upsamplers.0.conv.         ->  up_blocks.{i}.upsample.conv.
+  mid_block.attentions.0.                  ->  mid_block.attention.
+  *.transformer_blocks.{k}.attn{n}.to_out.0.  ->  *.transformer_blocks.{k}.attn{n}.to_out.
+  *.transformer_blocks.{k}.ff.net.0.proj.  ->  *.transformer_blocks.{k}.ff.proj_in.   (GEGLU value+gate projection)
+  *.transformer_blocks.{k}.ff.net.2.       ->  *.transformer_blocks.{k}.ff.proj_out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from . import ModelFormat
+from .configs import config_from_dict, config_to_dict
+from .rules import Rule, same
+
+# diffusers' constructor defaults where they differ from minidiff's SD1.5 dataclass defaults:
+# a key missing from a config.json means diffusers' default, so that is what fills it.
+DIFFUSERS_DEFAULTS: dict[str, Any] = {"sample_size": None, "cross_attention_dim": 1280}
+
+
+def transformer_rules(src: str, dst: str) -> list[Rule]:
+    """A spatial transformer at `src` (diffusers) / `dst` (minidiff)."""
+    block_src, block_dst = f"{src}transformer_blocks.{{k}}.", f"{dst}transformer_blocks.{{k}}."
+    return [
+        Rule(f"{block_src}attn1.to_out.0.", f"{block_dst}attn1.to_out."),
+        Rule(f"{block_src}attn2.to_out.0.", f"{block_dst}attn2.to_out."),
+        Rule(f"{block_src}ff.net.0.proj.", f"{block_dst}ff.proj_in."),
+        Rule(f"{block_src}ff.net.2.", f"{block_dst}ff.proj_out."),
+        Rule(src, dst),
+    ]
+
+
+def rules(config: Any = None) -> list[Rule]:
+    return [
+        Rule("down_blocks.{i}.downsamplers.0.conv.", "down_blocks.{i}.downsample.conv."),
+        Rule("up_blocks.{i}.upsamplers.0.conv.", "up_blocks.{i}.upsample.conv."),
+        *transformer_rules("down_blocks.{i}.attentions.{j}.", "down_blocks.{i}.attentions.{j}."),
+        *transformer_rules("up_blocks.{i}.attentions.{j}.", "up_blocks.{i}.attentions.{j}."),
+        *transformer_rules("mid_block.attentions.0.", "mid_block.attention."),
+        *same("conv_in.", "time_embedding.", "down_blocks.{i}.resnets.{j}.", "mid_block.resnets.{j}.",
+              "up_blocks.{i}.resnets.{j}.", "conv_norm_out.", "conv_out."),
+    ]
+
+
+def _config_from_dict(raw: Mapping[str, Any]):
+    from minidiff.unet_2d_condition import UNet2DConditionConfig
+
+    return config_from_dict(UNet2DConditionConfig, {**DIFFUSERS_DEFAULTS, **raw}, what="UNet2DConditionModel config")
+
+
+FORMAT = ModelFormat(
+    class_name="UNet2DConditionModel",
+    rules=rules,
+    config_from_dict=_config_from_dict,
+    config_to_dict=lambda config: config_to_dict(config, "UNet2DConditionModel"),
+)
