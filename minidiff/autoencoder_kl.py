@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import ConfigBase, check_levels, check_supported
 from .modeling import BaseOutput, ModelMixin
-from .pipelines.base import randn_tensor  # noise drawn exactly as diffusers draws it
+from .noise import randn_tensor  # noise drawn exactly as diffusers draws it
 from .unet_2d import MidBlock, UNetLevel
 
 

@@ -53,6 +53,16 @@ class ModelMixin(nn.Module):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
 
+    def __getattr__(self, name: str) -> Any:
+        # diffusers code reads config values off the model too (`unet.in_channels`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("config")
+            if config is not None and name in config:
+                return config[name]
+            raise
+
     @classmethod
     def _format(cls):  # -> weights_conversion.ModelFormat
         return importlib.import_module(cls.conversion).FORMAT

@@ -1,4 +1,5 @@
-from .base import DiffusionPipeline, ImagePipelineOutput, randn_tensor
+from ..noise import randn_tensor
+from .base import DiffusionPipeline, ImagePipelineOutput
 from .ddpm import DDPMPipeline
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import DiffusionPipeline, ImagePipelineOutput, randn_tensor
+from ..noise import randn_tensor
+from .base import DiffusionPipeline, ImagePipelineOutput
 
 
 class DDPMPipeline(DiffusionPipeline):

@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .base import DiffusionPipeline, ImagePipelineOutput, randn_tensor
+from ..noise import randn_tensor
+from .base import DiffusionPipeline, ImagePipelineOutput
 from .image_processing import ImageInput, postprocess_image, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -426,18 +427,18 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         mask = self._repeat_to(mask, n, "mask_image")
         masked_latents = self._repeat_to(masked_latents, n, "image")
 
+        def paste_back(i: int, x: torch.Tensor) -> torch.Tensor:
+            # outside the mask, put back the original, noised to the level of the next step
+            proper = image_latents
+            if i < len(timesteps) - 1:
+                proper = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+            return (1 - mask) * proper + mask * x
+
         extra = None
-        after_step = None
-        if plain_unet:
-            def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
-                # outside the mask, put back the original, noised to the level of the next step
-                proper = image_latents
-                if i < len(timesteps) - 1:
-                    proper = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
-                return (1 - mask) * proper + mask * x
-        else:
+        if not plain_unet:
             extra = torch.cat([mask, masked_latents], dim=1)
             extra = torch.cat([extra] * 2) if guided else extra
+        after_step = paste_back if plain_unet else None
 
         latents = self._denoise(latents, timesteps, steps, prompt_embeds, negative_prompt_embeds, guidance_scale,
                                 self._step_kwargs(generator, eta), callback_on_step_end,

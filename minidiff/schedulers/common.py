@@ -182,21 +182,6 @@ def expand_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
-def randn(
-    shape: Sequence[int],
-    generator: torch.Generator | list[torch.Generator] | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Normal noise drawn exactly as diffusers' randn_tensor draws it (a CPU generator draws on the CPU)."""
-    gen0 = generator[0] if isinstance(generator, list) else generator
-    rand_device = "cpu" if gen0 is not None and gen0.device.type == "cpu" else device
-    if isinstance(generator, list) and len(generator) > 1:  # one generator per batch item
-        one = (1, *shape[1:])
-        return torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]).to(device)
-    return torch.randn(tuple(shape), generator=gen0, device=rand_device, dtype=dtype).to(device)
-
-
 def vp_x0_eps(
     model_output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import DiscreteScheduler, SchedulerOutput, randn, register_to_config, spaced_timesteps, vp_x0_eps
+from ..noise import randn_tensor
+from .common import DiscreteScheduler, SchedulerOutput, register_to_config, spaced_timesteps, vp_x0_eps
 
 
 class DDIMScheduler(DiscreteScheduler):
@@ -86,7 +87,7 @@ class DDIMScheduler(DiscreteScheduler):
         prev_sample = ab_prev**0.5 * x0 + (1 - ab_prev - sigma**2) ** 0.5 * eps
         if eta > 0:
             if variance_noise is None:
-                variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+                variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + sigma * variance_noise
         if not return_dict:
             return prev_sample, x0

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..noise import randn_tensor
 from .common import (
-    DiscreteScheduler, SchedulerOutput, check_choice, randn, register_to_config, spaced_timesteps, vp_x0_eps,
+    DiscreteScheduler, SchedulerOutput, check_choice, register_to_config, spaced_timesteps, vp_x0_eps,
 )  # fmt: skip
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -136,7 +137,7 @@ class DDPMScheduler(DiscreteScheduler):
         mean = (ab_prev**0.5 * beta_t / (1 - ab_t)) * x0 + (alpha_t**0.5 * (1 - ab_prev) / (1 - ab_t)) * sample
         prev_sample = mean
         if t > 0:
-            noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = mean + self._variance(t, prev_t, predicted_variance) * noise
         if not return_dict:
             return prev_sample, x0

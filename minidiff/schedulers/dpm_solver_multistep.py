@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..noise import randn_tensor
 from .common import (
-    SchedulerOutput, SigmaScheduler, check_choice, check_off, karras_sigmas, randn, register_to_config, sigma_to_t,
+    SchedulerOutput, SigmaScheduler, check_choice, check_off, karras_sigmas, register_to_config, sigma_to_t,
     solver_timesteps, vp_x0_eps,
 )  # fmt: skip
 
@@ -192,7 +193,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         noise = None
         if c.algorithm_type == "sde-dpmsolver++":
             if variance_noise is None:
-                noise = randn(model_output.shape, generator, model_output.device, torch.float32)
+                noise = randn_tensor(model_output.shape, generator, model_output.device, torch.float32)
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
 

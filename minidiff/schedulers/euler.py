@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..noise import randn_tensor
 from .common import (
-    SchedulerOutput, SigmaScheduler, check_choice, check_off, randn, register_to_config, sigma_to_t, ve_denoised,
+    SchedulerOutput, SigmaScheduler, check_choice, check_off, register_to_config, sigma_to_t, ve_denoised,
 )  # fmt: skip
 
 
@@ -128,7 +129,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:  # churn: add noise to go up from σ to σ̂
-            eps = randn(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
+            eps = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
             x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
         # diffusers evaluates ε at σ̂ but v at σ (they only differ when churning)
         pt = self.config.prediction_type

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import SchedulerOutput, SigmaScheduler, randn, register_to_config, ve_denoised
+from ..noise import randn_tensor
+from .common import SchedulerOutput, SigmaScheduler, register_to_config, ve_denoised
 from .euler import reject_step_indices
 
 
@@ -65,7 +66,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         d = (x - denoised) / sigma
         x = x + d * (sigma_down - sigma)
         # drawn on every step, the last (σ_up = 0) included: the generator advances as in diffusers
-        noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+        noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
         prev_sample = (x + noise * sigma_up).to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
