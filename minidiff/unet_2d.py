@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigBase
+from .config import ConfigBase, check_levels, check_supported
 from .layers import AttentionBlock2D, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, as_timestep_batch, timestep_embedding
 from .modeling import BaseOutput, ModelMixin
 
@@ -57,26 +57,17 @@ class UNet2DConfig(ConfigBase):
     num_class_embeds: int | None = None
 
     def __post_init__(self) -> None:
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(
-                f"down_block_types ({len(self.down_block_types)}), up_block_types ({len(self.up_block_types)}) "
-                f"and block_out_channels ({n}) must have the same length"
-            )
-        supported = {
-            "down_block_types": (self.down_block_types, DOWN_BLOCKS),
-            "up_block_types": (self.up_block_types, UP_BLOCKS),
-            "mid_block_type": ((self.mid_block_type,), ("UNetMidBlock2D", None)),
-            "time_embedding_type": ((self.time_embedding_type,), ("positional",)),
-            "downsample_type": ((self.downsample_type,), ("conv",)),
-            "upsample_type": ((self.upsample_type,), ("conv",)),
-            "act_fn": ((self.act_fn,), ("silu", "swish")),
-            "resnet_time_scale_shift": ((self.resnet_time_scale_shift,), ("default",)),
-        }
-        for key, (values, allowed) in supported.items():
-            for v in values:
-                if v not in allowed:
-                    raise ValueError(f"UNet2DModel: {key}={v!r} is not supported by minidiff (supported: {allowed})")
+        check_levels("UNet2DModel", self.block_out_channels, self.down_block_types, self.up_block_types)
+        check_supported("UNet2DModel", (
+            ("down_block_types", self.down_block_types, DOWN_BLOCKS),
+            ("up_block_types", self.up_block_types, UP_BLOCKS),
+            ("mid_block_type", (self.mid_block_type,), ("UNetMidBlock2D", None)),
+            ("time_embedding_type", (self.time_embedding_type,), ("positional",)),
+            ("downsample_type", (self.downsample_type,), ("conv",)),
+            ("upsample_type", (self.upsample_type,), ("conv",)),
+            ("act_fn", (self.act_fn,), ("silu", "swish")),
+            ("resnet_time_scale_shift", (self.resnet_time_scale_shift,), ("default",)),
+        ))
 
 
 @dataclass

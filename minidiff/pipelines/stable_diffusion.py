@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 Generator = torch.Generator | list[torch.Generator] | None
 
 
+def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
+    """How many prompts: one string, a list, or the rows of pre-computed embeddings."""
+    if prompt is not None:
+        return 1 if isinstance(prompt, str) else len(prompt)
+    return prompt_embeds.shape[0]
+
+
 class StableDiffusionPipeline(DiffusionPipeline):
     """Text-to-image generation with Stable Diffusion 1.x / 2.x."""
 
@@ -75,7 +82,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B * num_images_per_prompt, 77, D) conditional and (if guided) unconditional embeddings."""
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        batch = _batch_size(prompt, prompt_embeds)
         if prompt_embeds is None:
             prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
@@ -247,7 +254,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self._check_output_type(output_type)
         device = self.device
         guided = guidance_scale > 1.0
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        batch = _batch_size(prompt, prompt_embeds)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         timesteps = self._set_timesteps(num_inference_steps, device)
@@ -312,7 +319,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             raise ValueError("img2img needs an `image`")
         device = self.device
         guided = guidance_scale > 1.0
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        batch = _batch_size(prompt, prompt_embeds)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         image = preprocess_image(image, multiple=self.vae_scale_factor)
@@ -392,7 +399,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                              f"this one has {unet_channels}")
         device = self.device
         guided = guidance_scale > 1.0
-        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        batch = _batch_size(prompt, prompt_embeds)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         timesteps, steps = self._start(num_inference_steps, strength, device)
