@@ -96,14 +96,30 @@ class ModelMixin(nn.Module):
 
     @classmethod
     def from_foreign_state_dict(
-        cls, config: Any, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None = None, what: str = ""
+        cls, config: Any, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None = None, what: str = "",
+        fmt: Any = None,
     ):
-        """Build on the meta device, rename strictly against its exact keys/shapes, adopt the tensors."""
+        """Build on the meta device, rename strictly against its exact keys/shapes, adopt the tensors.
+        `fmt` is another weights_conversion format than the class's own (e.g. the LDM single-file one)."""
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        converted = cls._format().convert(state_dict, config, expected, what or cls.__name__)
+        converted = (fmt or cls._format()).convert(state_dict, config, expected, what or cls.__name__)
         return model._adopt(converted, torch_dtype)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        torch_dtype: torch.dtype | str | None = None,
+        use_ema: bool | None = None,
+        prediction_type: str | None = None,
+    ):
+        """Load this model out of an original CompVis / LDM single file (.safetensors or .ckpt),
+        its config inferred from the tensors' shapes, offline. See minidiff.single_file."""
+        from .single_file import load_model
+
+        return load_model(cls, path, torch_dtype=torch_dtype, use_ema=use_ema, prediction_type=prediction_type)
 
     def _adopt(self, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None):
         # diffusers loads in float32 unless told otherwise, whatever the file's dtype

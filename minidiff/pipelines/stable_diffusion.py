@@ -49,6 +49,18 @@ class StableDiffusionPipeline(DiffusionPipeline):
             logger.warning("minidiff does not run safety checkers; the one given is ignored")
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
+    @classmethod
+    def from_single_file(cls, path, prediction_type: str | None = None, tokenizer=None, torch_dtype=None,
+                         use_ema: bool | None = None, **components: Any):
+        """Load an original CompVis / LDM single file (.safetensors or .ckpt, SD 1.x / 2.x) offline:
+        configs inferred from the weights, the prediction type by the rule in minidiff.single_file
+        (`prediction_type=` overrides it), `tokenizer` a folder (default: the CLIP vocabulary shipped
+        with minidiff), `use_ema=False` for the raw UNet weights of a file with an EMA copy."""
+        from ..single_file import load_pipeline
+
+        return load_pipeline(cls, path, prediction_type=prediction_type, tokenizer=tokenizer,
+                             torch_dtype=torch_dtype, use_ema=use_ema, **components)
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

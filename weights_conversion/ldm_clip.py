@@ -1,0 +1,147 @@
+"""The text encoders of LDM single files <-> minidiff's CLIPTextModel.
+
+SD 1.x (`cond_stage_model.transformer.*`, prefix stripped) holds a transformers CLIPTextModel as
+it is (`text_model.embeddings…`): the transformers converter (clip_text.FORMAT) applies unchanged.
+
+SD 2.x (`cond_stage_model.model.*`, prefix stripped) holds OpenCLIP ViT-H's text tower:
+  token_embedding.                           ->  token_embedding.
+  positional_embedding                       ->  position_embedding.weight
+  transformer.resblocks.{i}.ln_1. / ln_2.    ->  layers.{i}.layer_norm1. / layer_norm2.
+  transformer.resblocks.{i}.attn.in_proj_{weight,bias}  ->  layers.{i}.self_attn.to_q / to_k / to_v
+                                                 (q, k, v stacked along dim 0: split on load, stacked on save)
+  transformer.resblocks.{i}.attn.out_proj.   ->  layers.{i}.self_attn.to_out.
+  transformer.resblocks.{i}.mlp.c_fc. / c_proj.  ->  layers.{i}.mlp.fc1. / fc2.
+  ln_final.                                  ->  final_layer_norm.
+Dropped on load: the last resblock (SD2 conditions on the penultimate layer, so the text model has
+one layer fewer than the file), `text_projection` (stored transposed; only CLIP's contrastive head
+uses it) and `logit_scale`. Written on save so the file has OpenCLIP's layout: the last resblock as
+zeros, which makes it an exact identity (every branch adds 0), `text_projection` as the identity
+and `logit_scale` at OpenCLIP's initial log(1/0.07). None of the three changes what SD2 computes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from . import ModelFormat
+from .clip_text import FORMAT as TRANSFORMERS_FORMAT
+from .rules import ConversionError, Rule
+
+OPENCLIP_HEAD_CHANNELS = 64  # ViT-L/14 (SD1) and ViT-H/14 (SD2) text towers both use 64-wide heads
+QKV = ("q", "k", "v")
+# the values of the diffusers/transformers configs of SD 1.5 and SD 2.1's text encoders that
+# shapes cannot give (the eos id 2 predates transformers' fix and selects argmax pooling)
+COMMON = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "layer_norm_eps": 1e-5}
+
+
+def openclip_rules(config: Any = None) -> list[Rule]:
+    block, layer = "transformer.resblocks.{i}.", "layers.{i}."
+    return [
+        Rule("token_embedding.", "token_embedding."),
+        Rule("positional_embedding", "position_embedding.weight"),
+        Rule(f"{block}ln_1.", f"{layer}layer_norm1."),
+        Rule(f"{block}ln_2.", f"{layer}layer_norm2."),
+        # attn.q / attn.k / attn.v: the thirds of in_proj_*, named by split_in_proj
+        *(Rule(f"{block}attn.{x}.", f"{layer}self_attn.to_{x}.") for x in QKV),
+        Rule(f"{block}attn.out_proj.", f"{layer}self_attn.to_out."),
+        Rule(f"{block}mlp.c_fc.", f"{layer}mlp.fc1."),
+        Rule(f"{block}mlp.c_proj.", f"{layer}mlp.fc2."),
+        Rule("ln_final.", "final_layer_norm."),
+    ]
+
+
+def split_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Drop the unused last layer; split each fused in_proj into attn.q / attn.k / attn.v."""
+    unused = f"transformer.resblocks.{config.num_hidden_layers}."
+    out = {}
+    for key, tensor in sd.items():
+        if key.startswith(unused):
+            continue
+        base, fused, leaf = key.rpartition(".in_proj_")
+        if fused and leaf in ("weight", "bias"):
+            for x, part in zip(QKV, tensor.chunk(3, dim=0)):
+                out[f"{base}.{x}.{leaf}"] = part.clone()  # views of one storage could not be saved apart
+        else:
+            out[key] = tensor
+    return out
+
+
+def fuse_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """The inverse of split_in_proj, plus the unused last layer, text_projection and logit_scale."""
+    out = {}
+    for key, tensor in sd.items():
+        base, _, rest = key.rpartition(".attn.")
+        x, _, leaf = rest.partition(".")
+        if base and x in QKV:
+            if x == "q":
+                out[f"{base}.attn.in_proj_{leaf}"] = torch.cat([sd[f"{base}.attn.{y}.{leaf}"] for y in QKV])
+        else:
+            out[key] = tensor
+    n, width = config.num_hidden_layers, config.hidden_size
+    like = sd["ln_final.weight"]
+    for key in [k for k in out if k.startswith("transformer.resblocks.0.")]:
+        out[key.replace(".0.", f".{n}.", 1)] = torch.zeros_like(out[key])
+    out["text_projection"] = torch.eye(width, dtype=like.dtype)
+    out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=like.dtype)
+    return out
+
+
+def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+
+
+def _need(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Size:
+    if key not in sd:
+        raise ConversionError(f"{what}: the text encoder has no {key!r}")
+    return sd[key].shape
+
+
+def clip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM CLIP text encoder") -> dict[str, Any]:
+    """SD 1.x: a transformers CLIPTextConfig from shapes (quick_gelu, as OpenAI's CLIP)."""
+    vocab, width = _need(sd, "text_model.embeddings.token_embedding.weight", what)
+    return {
+        **COMMON,
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": _need(sd, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0],
+        "num_hidden_layers": _count(sd, "text_model.encoder.layers."),
+        "num_attention_heads": width // OPENCLIP_HEAD_CHANNELS,
+        "max_position_embeddings": _need(sd, "text_model.embeddings.position_embedding.weight", what)[0],
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    }
+
+
+def openclip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM OpenCLIP text encoder") -> dict[str, Any]:
+    """SD 2.x: OpenCLIP's text tower as a CLIPTextConfig (gelu), one layer fewer than the file holds."""
+    vocab, width = _need(sd, "token_embedding.weight", what)
+    layers = _count(sd, "transformer.resblocks.")
+    if layers < 2:
+        raise ConversionError(f"{what}: {layers} OpenCLIP layer(s); SD2 uses all but the last, so at least 2 are needed")
+    return {
+        **COMMON,
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": _need(sd, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
+        "num_hidden_layers": layers - 1,
+        "num_attention_heads": width // OPENCLIP_HEAD_CHANNELS,
+        "max_position_embeddings": _need(sd, "positional_embedding", what)[0],
+        "hidden_act": "gelu",
+        "projection_dim": 512,  # as in SD 2.1's text_encoder/config.json (unused by the text model)
+    }
+
+
+CLIP_FORMAT = TRANSFORMERS_FORMAT
+
+OPENCLIP_FORMAT = ModelFormat(
+    class_name="CLIPTextModel",
+    rules=openclip_rules,
+    config_from_dict=TRANSFORMERS_FORMAT.config_from_dict,
+    config_to_dict=TRANSFORMERS_FORMAT.config_to_dict,
+    ignore=("text_projection", "logit_scale"),
+    before_convert=split_in_proj,
+    after_export=fuse_in_proj,
+)
