@@ -52,14 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipelines import StableDiffusionPipeline
 
-    model = args.model
-    if model is None:
-        import minidiff
+    from . import DEFAULT_MODEL
 
-        model = getattr(minidiff, "DEFAULT_MODEL", None)
-        if model is None:
-            raise SystemExit("minidiff: no --model given and this install has no bundled default model")
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=args.local_files_only)
+    model = args.model or DEFAULT_MODEL  # the bundled toy model: offline, 64x64, shapes
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=args.local_files_only or model == DEFAULT_MODEL)
     if args.scheduler:
         pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
     pipe.to(args.device, _parse_dtype(args.dtype))
@@ -91,6 +87,39 @@ def cmd_ddpm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """An LDM single file -> a diffusers folder, or a diffusers folder -> an LDM single file."""
+    import torch
+
+    from weights_conversion import ConversionError
+
+    from .loading import CheckpointError
+    from .pipelines import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from .single_file import load_folder_models, load_pipeline, save_single_file, to_ldm_state_dict
+
+    src, dst = Path(args.src), Path(args.dst)
+    try:
+        if src.is_dir():
+            if dst.suffix not in (".safetensors", ".ckpt"):
+                raise SystemExit(f"minidiff convert: converting the folder {src} needs a DST ending in .safetensors or .ckpt")
+            save_single_file(to_ldm_state_dict(**load_folder_models(src)), dst, half=args.half)
+        elif src.is_file():
+            if dst.exists() and not dst.is_dir():
+                raise SystemExit(f"minidiff convert: {dst} exists and is not a folder")
+            # "auto": every model stays in its file's dtype, so the conversion is bit-exact
+            pipe = load_pipeline(StableDiffusionPipeline, src, prediction_type=args.prediction_type, tokenizer=args.tokenizer,
+                                 torch_dtype=torch.float16 if args.half else "auto", use_ema=args.ema)
+            if pipe.unet.config.in_channels == 9:  # an inpainting UNet: name the pipeline that can run it
+                pipe = StableDiffusionInpaintPipeline(**pipe.components)
+            pipe.save_pretrained(dst)
+        else:
+            raise SystemExit(f"minidiff convert: {src} does not exist")
+    except (CheckpointError, ConversionError, FileNotFoundError) as e:
+        raise SystemExit(f"minidiff convert: {e}") from None
+    print(dst)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     scheduler_help = "swap in another scheduler (from_config): " + ", ".join(SCHEDULER_ALIASES) + " or a class name"
     parser = argparse.ArgumentParser(prog="minidiff", description="minidiff: Stable Diffusion / DDPM inference in plain PyTorch")
@@ -99,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text to image with a Stable Diffusion pipeline folder or Hub id",
                        epilog="schedulers: " + ", ".join(f"{k} ({v})" for k, v in SCHEDULER_ALIASES.items()))
     p.add_argument("prompt")
-    p.add_argument("--model", help="pipeline folder or Hub id (default: the bundled model, if any)")
+    p.add_argument("--model", help="pipeline folder or Hub id (default: the bundled shapes model, minidiff.DEFAULT_MODEL)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
@@ -125,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hub")
     p.add_argument("--output", default="ddpm.png", help="PNG path; several images get -0, -1, ... suffixes")
     p.set_defaults(func=cmd_ddpm)
+
+    p = sub.add_parser("convert", help="CompVis/LDM single file <-> diffusers folder (direction from SRC)",
+                       description="SRC a .safetensors / .ckpt single file -> DST a diffusers pipeline folder; "
+                                   "SRC a diffusers Stable Diffusion folder -> DST a .safetensors or .ckpt file. "
+                                   "Tensors are copied bit for bit, in their own dtype unless --half.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--half", action="store_true", help="write float16 weights")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="file -> folder: the scheduler's prediction type (default: v_prediction for SD2 768 files, "
+                        "epsilon otherwise)")
+    p.add_argument("--tokenizer", default=None, help="file -> folder: a tokenizer folder to copy (default: the CLIP "
+                                                     "vocabulary shipped with minidiff)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="file -> folder: take the UNet's EMA weights (default: when the file has them)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
