@@ -435,6 +435,14 @@ def test_folder_to_file_to_folder(tiny, tmp_path, offline, name):
         assert getattr(back.text_encoder.config, key) == getattr(t.models["text_encoder"].config, key), key
 
 
+def test_convert_options(tiny, tmp_path):
+    t = tiny("sd2")
+    src = t.write(tmp_path / "m.safetensors")
+    assert cli(["convert", str(src), str(tmp_path / "eps"), "--prediction-type", "epsilon", "--tokenizer", str(t.folder)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "eps")
+    assert (pipe.scheduler.config.prediction_type, pipe.unet.config.sample_size) == ("epsilon", 64)
+
+
 def test_half_precision_round_trip(tiny, tmp_path):
     t = tiny("sd2")
     assert cli(["convert", str(t.folder), str(tmp_path / "half.safetensors"), "--half"]) == 0

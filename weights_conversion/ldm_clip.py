@@ -99,6 +99,12 @@ def _need(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Size:
     return sd[key].shape
 
 
+def _heads(width: int, what: str) -> int:
+    if width % OPENCLIP_HEAD_CHANNELS:
+        raise ConversionError(f"{what}: width {width} is not a multiple of the {OPENCLIP_HEAD_CHANNELS}-wide heads")
+    return width // OPENCLIP_HEAD_CHANNELS
+
+
 def clip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM CLIP text encoder") -> dict[str, Any]:
     """SD 1.x: a transformers CLIPTextConfig from shapes (quick_gelu, as OpenAI's CLIP)."""
     vocab, width = _need(sd, "text_model.embeddings.token_embedding.weight", what)
@@ -108,7 +114,7 @@ def clip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM CLIP text encod
         "hidden_size": width,
         "intermediate_size": _need(sd, "text_model.encoder.layers.0.mlp.fc1.weight", what)[0],
         "num_hidden_layers": _count(sd, "text_model.encoder.layers."),
-        "num_attention_heads": width // OPENCLIP_HEAD_CHANNELS,
+        "num_attention_heads": _heads(width, what),
         "max_position_embeddings": _need(sd, "text_model.embeddings.position_embedding.weight", what)[0],
         "hidden_act": "quick_gelu",
         "projection_dim": 768,
@@ -127,7 +133,7 @@ def openclip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM OpenCLIP te
         "hidden_size": width,
         "intermediate_size": _need(sd, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
         "num_hidden_layers": layers - 1,
-        "num_attention_heads": width // OPENCLIP_HEAD_CHANNELS,
+        "num_attention_heads": _heads(width, what),
         "max_position_embeddings": _need(sd, "positional_embedding", what)[0],
         "hidden_act": "gelu",
         "projection_dim": 512,  # as in SD 2.1's text_encoder/config.json (unused by the text model)
