@@ -191,7 +191,7 @@ def load_pipeline(cls: type, path: str | os.PathLike, prediction_type: str | Non
     if "scheduler" not in components:
         config = dict(variant.scheduler)
         components["scheduler"] = SCHEDULERS[config["_class_name"]].from_config(config)
-    components["tokenizer"] = _tokenizer(components.get("tokenizer", tokenizer), variant)
+    components["tokenizer"] = _tokenizer(tokenizer, variant)
     return cls(**components)
 
 
