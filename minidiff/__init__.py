@@ -1,5 +1,7 @@
 """minidiff: the Stable Diffusion / DDPM inference stack in plain PyTorch, in parity with diffusers."""
 
+from pathlib import Path as _Path
+
 from .autoencoder_kl import AutoencoderKL
 from .clip_text import CLIPTextModel
 from .pipelines import (
@@ -26,3 +28,7 @@ from .unet_2d import UNet2DModel
 from .unet_2d_condition import UNet2DConditionModel
 
 __version__ = "0.1.0"
+
+# the bundled model: a toy Stable Diffusion trained from scratch by minidiff/train.py on the
+# shapes of minidiff/shapes.py ("a red circle on a white background"), in the diffusers layout
+DEFAULT_MODEL: str = str(_Path(__file__).resolve().parent / "data" / "shapes-64")

@@ -7,9 +7,10 @@ square or upright triangle) in one colour, at a random position and size, on a b
 different colour. `judge` reads the three facts back from pixel statistics alone, which is how
 the tests grade images the model generates:
   - background: the median colour of the 1-pixel border (the shape never touches it);
-  - shape colour: the mean colour of the pixels that are far from the background colour;
-  - shape: how much of the bounding box of those pixels they fill (square 1, circle pi/4,
-    triangle 1/2).
+  - the shape is the largest connected blob of pixels far from the background colour (a stray
+    speck elsewhere is not the shape);
+  - shape colour: the mean colour of the blob's pixels;
+  - shape: how much of the blob's bounding box it fills (square 1, circle pi/4, triangle 1/2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 SIZE = 64
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -96,6 +98,19 @@ def _nearest_color(rgb: torch.Tensor) -> str:
     return list(COLORS)[int(((palette - rgb.float()) ** 2).sum(-1).argmin())]
 
 
+def largest_blob(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 8-connected component of a boolean (H, W) mask."""
+    h, w = mask.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w) * mask
+    while True:  # every pixel takes the largest id around it until each blob has one id
+        grown = F.max_pool2d(ids, 3, stride=1, padding=1) * mask
+        if torch.equal(grown, ids):
+            break
+        ids = grown
+    labels, counts = ids[ids > 0].unique(return_counts=True)
+    return ids[0, 0] == labels[counts.argmax()] if len(labels) else mask
+
+
 def judge(image: torch.Tensor) -> Scene:
     """Read (shape, colour, background) off a uint8 (3, H, W) image by pixel statistics."""
     if image.dim() != 3 or image.shape[0] != 3:
@@ -106,6 +121,7 @@ def judge(image: torch.Tensor) -> Scene:
     far = ((img - bg_rgb.view(3, 1, 1)) ** 2).sum(0).sqrt() > 80  # clearly not background
     if far.sum() < 16:
         return Scene("none", "none", _nearest_color(bg_rgb))
+    far = largest_blob(far)
     color = _nearest_color(img[:, far].mean(dim=1))
     rows, cols = far.any(1).nonzero(), far.any(0).nonzero()
     box = far[rows.min():rows.max() + 1, cols.min():cols.max() + 1]

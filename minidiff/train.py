@@ -136,6 +136,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path) -> None:
         self.cfg, self.out = cfg, out
         self.tokenizer = toy_tokenizer()
+        torch.manual_seed(cfg.seed)  # the initial weights
         self.vae, self.text_encoder, self.unet = build_models(self.tokenizer)
         self.denoiser = nn.ModuleDict({"unet": self.unet, "text_encoder": self.text_encoder})
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
