@@ -25,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(t * torch.pi)).item()))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(t * math.pi)))
 
 
 class Paused(Exception):
@@ -180,7 +181,7 @@ class Trainer:
             self.save_checkpoint()
         return self.export(self.out / "pipeline")
 
-    def _loop(self, total: int, desc: str, step_fn, optimizer, peak_lr: float, warmup: int) -> None:
+    def _loop(self, total: int, desc: str, step_fn, optimizer, peak_lr: float, warmup: int, after_step=None) -> None:
         bar = tqdm(range(self.step, total), initial=self.step, total=total, desc=desc)
         for step in bar:
             for group in optimizer.param_groups:
@@ -189,8 +190,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if desc == "unet":
-                self.update_ema(step)
+            if after_step is not None:
+                after_step(step)
             self.step = step + 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if self.steps_left is not None:
@@ -244,7 +245,8 @@ class Trainer:
             pred = self.unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
             return F.mse_loss(pred, noise)
 
-        self._loop(self.cfg.unet_steps, "unet", unet_step, self.unet_opt, self.cfg.unet_lr, self.cfg.warmup)
+        self._loop(self.cfg.unet_steps, "unet", unet_step, self.unet_opt, self.cfg.unet_lr, self.cfg.warmup,
+                   after_step=self.update_ema)
         self.denoiser.eval()
 
     @torch.no_grad()
