@@ -71,6 +71,32 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(t)))
 
 
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no gradient is needed: saves a full-size activation in inference."""
+    return F.silu(x, inplace=not x.requires_grad)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters) that runs 3x3 convs on tiny fp32 CPU feature maps as one GEMM.
+
+    On the UNet's 8x8 and 4x4 levels (1280-2560 channels) oneDNN spends most of the conv re-laying
+    out the large weight and reaches 30-100 GFLOP/s; unfold + matmul reads the weight as stored and
+    runs 1.4-2.8x faster (benchmarks/README.md). Everywhere else the regular conv is faster, and
+    under torch.compile too (inductor pre-packs frozen conv weights once).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if (h * w > 64 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or self.kernel_size != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1) or self.groups != 1):
+            return super().forward(x)
+        cols = F.unfold(x, 3, padding=1)  # (B, C_in*9, H*W)
+        y = torch.matmul(self.weight.flatten(1), cols)  # (B, C_out, H*W)
+        if self.bias is not None:
+            y += self.bias[:, None]
+        return y.view(b, -1, h, w)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, (+ time embedding), GroupNorm -> SiLU -> conv, plus a shortcut."""
 
@@ -86,21 +112,24 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # a 1x1 conv only where the channel count changes
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        # the in-place updates act on fresh conv outputs only (fewer full-size temporaries)
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(silu(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+            t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h = h.add_(t) if inplace else h + t
+        h = self.conv2(silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = x + h
+        out = h.add_(x) if inplace else x + h
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
@@ -123,14 +152,12 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.bfloat16:  # nearest upsampling in bf16 is slow or unsupported on some backends
-            x = x.float()
+        # nearest copies values, so no upcast is needed in bf16/fp16 (diffusers upcasts bf16 for torch < 2.1)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x.to(dtype))
+        return self.conv(x)
 
 
 class Attention(nn.Module):
@@ -201,6 +228,7 @@ class AttentionBlock2D(Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, c, h, w = x.shape
         y = self.group_norm(x) if self.group_norm is not None else x
-        y = super().forward(y.view(b, c, h * w).transpose(1, 2))
-        y = y.transpose(1, 2).reshape(b, c, h, w) + x
+        # (B, C, H, W) -> (B, H*W, C): a view when x is channels_last, one copy otherwise
+        y = super().forward(y.permute(0, 2, 3, 1).reshape(b, h * w, c))
+        y = x + y.view(b, h, w, c).permute(0, 3, 1, 2)  # x first: the sum takes x's memory format
         return y if self.rescale_output_factor == 1.0 else y / self.rescale_output_factor
