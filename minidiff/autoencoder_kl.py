@@ -133,10 +133,12 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(chs[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z), None)
+        # channels_last: oneDNN then convolves the large maps in place of reordering each conv's input
+        # and output to its blocked layout and back (faster, and those copies dominate peak memory)
+        x = self.mid_block(self.conv_in(z.contiguous(memory_format=torch.channels_last)), None)
         for level in self.up_blocks:
             x, _ = level(x, None)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
 
 
 class AutoencoderKL(ModelMixin):
