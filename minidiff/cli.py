@@ -52,14 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .pipelines import StableDiffusionPipeline
 
-    model = args.model
-    if model is None:
-        import minidiff
+    from . import DEFAULT_MODEL
 
-        model = getattr(minidiff, "DEFAULT_MODEL", None)
-        if model is None:
-            raise SystemExit("minidiff: no --model given and this install has no bundled default model")
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=args.local_files_only)
+    model = args.model or DEFAULT_MODEL  # the bundled toy model: offline, 64x64, shapes
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=args.local_files_only or model == DEFAULT_MODEL)
     if args.scheduler:
         pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
     pipe.to(args.device, _parse_dtype(args.dtype))
