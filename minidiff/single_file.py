@@ -210,7 +210,33 @@ def to_ldm_state_dict(unet: Any = None, vae: Any = None, text_encoder: Any = Non
         openclip = text_encoder.config.hidden_act == "gelu"
         fmt = ldm_clip.OPENCLIP_FORMAT if openclip else ldm_clip.CLIP_FORMAT
         parts["openclip" if openclip else "clip"] = fmt.export(text_encoder.state_dict(), text_encoder.config)
+    _check_reads_back(parts, unet=unet, vae=vae, text_encoder=text_encoder)
     return ldm.join(parts)
+
+
+# what the reader fills from the variant (SD1 / SD2), not from the weights: never compared
+_VARIANT_KEYS = {"unet": ("sample_size", "upcast_attention"), "vae": ("sample_size",)}
+
+
+def _check_reads_back(parts: dict[str, dict[str, torch.Tensor]], **models: Any) -> None:
+    """An LDM file carries no config: refuse to write a model whose weights would read back as a
+    different architecture (a norm group count, head count or scaling factor SD does not use)."""
+    inferred = {}
+    if "unet" in parts:
+        inferred["unet"] = ldm_unet.FORMAT.config_from_dict(ldm_unet.config_from_state_dict(parts["unet"]))
+    if "vae" in parts:
+        inferred["vae"] = ldm_vae.FORMAT.config_from_dict(ldm_vae.config_from_state_dict(parts["vae"]))
+    if "clip" in parts:
+        inferred["text_encoder"] = ldm_clip.CLIP_FORMAT.config_from_dict(ldm_clip.clip_config(parts["clip"]))
+    if "openclip" in parts:
+        inferred["text_encoder"] = ldm_clip.OPENCLIP_FORMAT.config_from_dict(ldm_clip.openclip_config(parts["openclip"]))
+    for name, config in inferred.items():
+        ours = models[name].config
+        diff = [f"{k}={ours[k]!r} (would read back as {config[k]!r})" for k in ours.keys()
+                if k not in _VARIANT_KEYS.get(name, ()) and ours[k] != config[k]]
+        if diff:
+            raise ConversionError(f"the {name} cannot be written as an LDM single file, which has no config: "
+                                  f"its weights do not determine {', '.join(diff[:4])}")
 
 
 def save_single_file(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, half: bool = False) -> Path:

@@ -447,6 +447,17 @@ def test_convert_options(tiny, tmp_path):
     assert (pipe.scheduler.config.prediction_type, pipe.unet.config.sample_size) == ("epsilon", 64)
 
 
+def test_a_folder_the_ldm_format_cannot_describe_is_refused(tmp_path):
+    """LDM files carry no config: the bundled shapes model (16 norm groups, 2 heads) would read back
+    as a different network, so writing it is an error naming what would change, and no file."""
+    import minidiff
+
+    out = tmp_path / "shapes.safetensors"
+    with pytest.raises(SystemExit, match=r"norm_num_groups=16 \(would read back as 32\)"):
+        cli(["convert", minidiff.DEFAULT_MODEL, str(out)])
+    assert not out.exists()
+
+
 def test_half_precision_round_trip(tiny, tmp_path):
     t = tiny("sd2")
     assert cli(["convert", str(t.folder), str(tmp_path / "half.safetensors"), "--half"]) == 0
