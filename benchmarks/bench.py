@@ -1,19 +1,25 @@
-"""Benchmark minidiff against diffusers/transformers on identical SD 1.5-sized weights.
+"""Benchmark minidiff against diffusers/transformers on the same full-size SD 1.5 weights.
 
-Usage:
+Usage (the committed tables: benchmarks/README.md):
     python benchmarks/bench.py --make-weights /tmp/minidiff-bench/sd15
-    python benchmarks/bench.py --device cpu --dtype fp32 --repeats 3 --warmup 1 --json benchmarks/results-cpu-fp32.json
+    python benchmarks/bench.py --dtype fp32 --only unet32,unet64,vae256,vae512,text,txt2img,ttfo --memory --json out.json
+    python benchmarks/bench.py --dtype bf16 --only unet32 --compile
 
-Each workload runs minidiff and the reference interleaved (A B A B ...) so slow drifts in
-machine speed (thermal, other tenants) hit both equally; the median of the timed runs is kept.
+Each workload runs the two implementations interleaved (A B A B ...) after warm-up, so slow drifts
+in machine speed (other tenants, clocks) hit both alike; medians are reported. Time to first
+output and peak memory are measured in a fresh process per implementation (`--child`), so one
+library's imports, caches and allocator state never count against the other.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import json
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,12 +31,22 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path("/work/shared/reference-configs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ("diffusers", "minidiff")
+SECTIONS = {  # name -> (component, description)
+    "unet32": ("unet", "UNet step, batch 2 (CFG), 32×32 latents"),
+    "unet64": ("unet", "UNet step, batch 2 (CFG), 64×64 latents"),
+    "vae256": ("vae", "VAE decode, 256×256"),
+    "vae512": ("vae", "VAE decode, 512×512"),
+    "text": ("text_encoder", "text encoder, batch 2 × 77 tokens"),
+    "txt2img": ("pipeline", "txt2img 256×256, 10 steps (PNDM, CFG)"),
+    "ttfo": ("unet", "time to first output: load UNet + first 32×32 step"),
+}
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def make_weights(folder: Path) -> None:
     """Write a full-size SD 1.5 folder with random weights (real configs) unless it exists."""
     if (folder / "model_index.json").exists():
-        print(f"weights already present in {folder}")
         return
     import diffusers
     import transformers
@@ -50,7 +66,64 @@ def make_weights(folder: Path) -> None:
     (folder / "scheduler").mkdir(exist_ok=True)
     shutil.copy(CONFIGS / "sd-v1-5.scheduler.json", folder / "scheduler/scheduler_config.json")
     shutil.copy(CONFIGS / "sd-v1-5.model_index.json", folder / "model_index.json")  # written last: marks completion
-    print(f"wrote random SD 1.5 weights to {folder}")
+    print(f"wrote random SD 1.5 weights to {folder}", flush=True)
+
+
+# -- loading and workloads -----------------------------------------------------------------------
+
+
+def load(impl: str, component: str, folder: Path, device: str, dtype: torch.dtype) -> Any:
+    """One component (or the whole pipeline) of one implementation, on `device` in `dtype`."""
+    if impl == "minidiff":
+        sys.path.insert(0, str(REPO))
+        import minidiff as lib
+
+        te_cls = lib.CLIPTextModel
+    else:
+        import diffusers as lib
+        import transformers
+
+        te_cls = transformers.CLIPTextModel
+    if component == "pipeline":
+        kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if impl == "diffusers" else {}
+        pipe = lib.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **kwargs).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    cls = {"unet": lib.UNet2DConditionModel, "vae": lib.AutoencoderKL, "text_encoder": te_cls}[component]
+    return cls.from_pretrained(folder, subfolder=component, torch_dtype=dtype).to(device).eval()
+
+
+def workload(section: str, model: Any, device: str, dtype: torch.dtype) -> Callable[[], Any]:
+    """The timed call for a section; inputs are seeded, so both implementations get the same ones."""
+    g = torch.Generator().manual_seed(0)
+    if section in ("unet32", "unet64", "ttfo"):
+        s = 64 if section == "unet64" else 32
+        x = torch.randn(2, 4, s, s, generator=g).to(device, dtype)
+        t = torch.tensor([500, 500], device=device)
+        ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+        return lambda: model(x, t, encoder_hidden_states=ctx).sample
+    if section in ("vae256", "vae512"):
+        z = torch.randn(1, 4, int(section[3:]) // 8, int(section[3:]) // 8, generator=g).to(device, dtype)
+        return lambda: model.decode(z).sample
+    if section == "text":
+        ids = torch.randint(0, 49408, (2, 77), generator=g).to(device)
+        return lambda: model(ids)[0]
+    if section == "txt2img":
+        return lambda: model(PROMPT, height=256, width=256, num_inference_steps=10,
+                             generator=torch.Generator().manual_seed(0), output_type="np").images
+    raise ValueError(section)
+
+
+def compiled(model: Any) -> Any:
+    """torch.compile; on CPU inductor with frozen weights, which pre-packs them for oneDNN once
+    instead of on every call. The wrapper shares the eager model's parameters."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model)
+
+
+# -- timing --------------------------------------------------------------------------------------
 
 
 def sync(device: str) -> None:
@@ -66,13 +139,6 @@ def time_once(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def interleaved(fns: dict[str, Callable[[], Any]], device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
     for _ in range(warmup):
         for fn in fns.values():
@@ -84,11 +150,16 @@ def interleaved(fns: dict[str, Callable[[], Any]], device: str, warmup: int, rep
     return times
 
 
-def peak_gflops(device: str, dtype: torch.dtype, repeats: int = 10) -> dict[str, float]:
-    """Best achieved GFLOP/s of a 2048^3 matmul and of a 3x3 conv (512->512, 64x64): practical ceilings.
+def count_flops(fn: Callable[[], Any]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
 
-    Both are measured because on some CPUs (e.g. MKL sgemm on AMD) the conv library is much faster than gemm.
-    """
+
+def peak_gflops(device: str, dtype: torch.dtype, repeats: int = 10) -> dict[str, float]:
+    """Best achieved GFLOP/s of a 2048³ matmul and of a 3×3 conv (512→512 channels, 64×64): the
+    practical ceilings. Both, because on this CPU (AMD, MKL sgemm) oneDNN convs beat gemm in fp32."""
     n = 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -105,45 +176,124 @@ def peak_gflops(device: str, dtype: torch.dtype, repeats: int = 10) -> dict[str,
     return out
 
 
-def build_workloads(folder: Path, device: str, dtype: torch.dtype, sizes: list[int], vae_sizes: list[int]) -> list[dict[str, Any]]:
-    """Return workloads as {name, fns: {impl: callable}}; models are loaded once per component."""
-    import diffusers
-    import transformers
+# -- fresh-process measurements (--child) --------------------------------------------------------
 
+
+def _vm(key: str) -> float:
+    """A /proc/self/status field in MiB (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one section once in this (fresh) process; report load time, first-call time and memory."""
+    dtype = DTYPES[args.dtype]
     sys.path.insert(0, str(REPO))
-    import minidiff
+    t0 = time.perf_counter()
+    for name in ("minidiff",) if args.impl == "minidiff" else ("diffusers", "transformers"):
+        importlib.import_module(name)
+    t_import = time.perf_counter() - t0
+    component = SECTIONS[args.child][0]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model = load(args.impl, component, args.weights, args.device, dtype)
+        t_load = time.perf_counter() - t0
+        fn = workload(args.child, model, args.device, dtype)
+        rss_loaded = _vm("VmRSS")
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak below is the workload's
+        t_first = time_once(fn, args.device)
+    out = {"impl": args.impl, "section": args.child, "import_s": t_import, "load_s": t_load, "first_call_s": t_first,
+           "rss_after_load_mib": rss_loaded, "workload_peak_rss_mib": _vm("VmHWM")}
+    if args.device == "cuda":
+        out["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
-    g = torch.Generator().manual_seed(0)
-    workloads: list[dict[str, Any]] = []
 
-    def load(component: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-        ref_cls = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
-                   "text_encoder": transformers.CLIPTextModel}[component]
-        mine_cls = {"unet": minidiff.UNet2DConditionModel, "vae": minidiff.AutoencoderKL,
-                    "text_encoder": minidiff.CLIPTextModel}[component]
-        ref = ref_cls.from_pretrained(folder, subfolder=component, torch_dtype=dtype).to(device).eval()
-        mine = mine_cls.from_pretrained(folder, subfolder=component, torch_dtype=dtype).to(device).eval()
-        return mine, ref
+def run_child(args: argparse.Namespace, section: str, impl: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", section, "--impl", impl, "--device", args.device,
+           "--dtype", args.dtype, "--weights", str(args.weights)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
-    mine, ref = load("unet")
-    for s in sizes:
-        x = torch.randn(2, 4, s, s, generator=g).to(device, dtype)
-        t = torch.tensor([500, 500], device=device)
-        ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
-        workloads.append({"name": f"unet step b2 {s}x{s} latents",
-                          "fns": {"diffusers": lambda m=ref, x=x, t=t, c=ctx: m(x, t, encoder_hidden_states=c),
-                                  "minidiff": lambda m=mine, x=x, t=t, c=ctx: m(x, t, encoder_hidden_states=c)}})
-    mine, ref = load("vae")
-    for px in vae_sizes:
-        z = torch.randn(1, 4, px // 8, px // 8, generator=g).to(device, dtype)
-        workloads.append({"name": f"vae decode b1 {px}x{px}",
-                          "fns": {"diffusers": lambda m=ref, z=z: m.decode(z),
-                                  "minidiff": lambda m=mine, z=z: m.decode(z)}})
-    mine, ref = load("text_encoder")
-    ids = torch.randint(0, 49408, (2, 77), generator=g).to(device)
-    workloads.append({"name": "text encoder b2 x 77",
-                      "fns": {"diffusers": lambda m=ref, i=ids: m(i), "minidiff": lambda m=mine, i=ids: m(i)}})
-    return workloads
+
+# -- the sections --------------------------------------------------------------------------------
+
+
+def bench_section(section: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time one section interleaved in this process (+ memory in fresh processes if asked)."""
+    dtype = DTYPES[args.dtype]
+    component = SECTIONS[section][0]
+    row: dict[str, Any] = {"section": section, "workload": SECTIONS[section][1]}
+    if args.compile and component == "pipeline":
+        raise SystemExit("--compile applies to the model sections (unet*, vae*, text), not txt2img")
+    if section == "ttfo":
+        runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLS}
+        for _ in range(args.repeats):  # fresh processes, interleaved; the files stay in the page cache
+            for impl in IMPLS:
+                runs[impl].append(run_child(args, "ttfo", impl))
+        row["runs"] = runs
+        row["median_ms"] = {impl: 1e3 * statistics.median(r["load_s"] + r["first_call_s"] for r in runs[impl]) for impl in IMPLS}
+        row["import_ms"] = {impl: 1e3 * statistics.median(r["import_s"] for r in runs[impl]) for impl in IMPLS}
+        row["ratio"] = row["median_ms"]["minidiff"] / row["median_ms"]["diffusers"]
+        return row
+
+    with torch.no_grad():
+        models = {impl: load(impl, component, args.weights, args.device, dtype) for impl in IMPLS}
+        fns = {impl: workload(section, m, args.device, dtype) for impl, m in models.items()}
+        # FLOPs of one reference call (both implement the same maths, checked by tests/)
+        row["flops"] = count_flops(fns["diffusers"])
+        if args.compile:
+            # eager and compiled side by side; the first compiled call (compilation) is timed on its own
+            row["compile_s"] = {}
+            for impl in IMPLS:
+                fn = workload(section, compiled(models[impl]), args.device, dtype)
+                row["compile_s"][impl] = time_once(fn, args.device)
+                fns[f"{impl}+compile"] = fn
+        times = interleaved(fns, args.device, args.warmup, args.repeats)
+    del models, fns
+    gc.collect()
+    row["times_s"] = times
+    row["median_ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    row["gflops"] = {k: row["flops"] / v / 1e6 for k, v in row["median_ms"].items()}
+    row["ratio"] = row["median_ms"]["minidiff"] / row["median_ms"]["diffusers"]
+    if args.compile:
+        row["ratio_compiled"] = row["median_ms"]["minidiff+compile"] / row["median_ms"]["diffusers+compile"]
+        row["ratio_compiled_vs_eager_diffusers"] = row["median_ms"]["minidiff+compile"] / row["median_ms"]["diffusers"]
+    if args.memory:
+        mem = {impl: run_child(args, section, impl) for impl in IMPLS}
+        key = "max_memory_allocated_mib" if args.device == "cuda" else "workload_peak_rss_mib"
+        row["memory"] = mem
+        row["peak_mib"] = {impl: mem[impl][key] for impl in IMPLS}
+        row["memory_ratio"] = row["peak_mib"]["minidiff"] / row["peak_mib"]["diffusers"]
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], peak: float) -> str:
+    """One table row per workload (and one more per compiled pair); ratios are minidiff / diffusers."""
+    cuda = any("max_memory_allocated_mib" in r.get("memory", {}).get("minidiff", {}) for r in rows)
+    lines = [f"| workload | GFLOP | diffusers ms | minidiff ms | minidiff / diffusers | diffusers GFLOP/s (% peak) "
+             f"| minidiff GFLOP/s (% peak) | {'max allocated' if cuda else 'peak RSS'} diffusers MiB | minidiff MiB | mem ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        pairs = [("diffusers", "minidiff")] + ([("diffusers+compile", "minidiff+compile")] if "compile_s" in r else [])
+        for d, m in pairs:
+            ms_d, ms_m = r["median_ms"][d], r["median_ms"][m]
+            cells = [r["workload"] + (" (torch.compile)" if d != "diffusers" else "")]
+            cells += [f"{r['flops'] / 1e9:.1f}" if "flops" in r else "–", f"{ms_d:.1f}", f"{ms_m:.1f}", f"**{ms_m / ms_d:.3f}**"]
+            cells += [f"{r['gflops'][k]:.0f} ({100 * r['gflops'][k] / peak:.0f}%)" if "gflops" in r else "–" for k in (d, m)]
+            if "peak_mib" in r and d == "diffusers":
+                cells += [f"{r['peak_mib']['diffusers']:.0f}", f"{r['peak_mib']['minidiff']:.0f}", f"**{r['memory_ratio']:.3f}**"]
+            else:
+                cells += ["", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -152,66 +302,66 @@ def main() -> None:
     p.add_argument("--weights", type=Path, default=Path("/tmp/minidiff-bench/sd15"))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--only", default="unet32,vae256,text", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--sizes", type=int, nargs="+", default=[32], help="UNet latent sizes, e.g. 32 64")
-    p.add_argument("--vae-sizes", type=int, nargs="+", default=[256], help="VAE output sizes, e.g. 256 512")
+    p.add_argument("--memory", action="store_true", help="also measure each section's peak memory in fresh processes")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (compile time reported apart)")
     p.add_argument("--json", type=Path, help="write results here")
+    p.add_argument("--child", choices=list(SECTIONS), help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.make_weights:
         make_weights(args.make_weights)
         return
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    sections = args.only.split(",")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     make_weights(args.weights)  # no-op when present
     dtype = DTYPES[args.dtype]
     peaks = peak_gflops(args.device, dtype)
-    peak = max(peaks.values())  # "% of peak" is relative to the faster of the two ceilings
-    print(f"measured peaks {args.dtype}: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    print(f"measured peaks {args.dtype}: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
-    rows: list[dict[str, Any]] = []
-    with torch.no_grad():
-        for w in build_workloads(args.weights, args.device, dtype, args.sizes, args.vae_sizes):
-            # FLOPs from the reference run; both implement the same math (checked by tests/).
-            flops = count_flops(w["fns"]["diffusers"])
-            times = interleaved(w["fns"], args.device, args.warmup, args.repeats)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            row = {"workload": w["name"], "flops": flops, "times_s": times,
-                   "median_ms": {k: v * 1e3 for k, v in med.items()},
-                   "gflops": {k: flops / v / 1e9 for k, v in med.items()},
-                   "ratio_minidiff_over_diffusers": med["minidiff"] / med["diffusers"]}
-            row["pct_of_peak"] = {k: 100 * v / peak for k, v in row["gflops"].items()}
-            rows.append(row)
-            print(f"{w['name']}: {flops / 1e9:.1f} GFLOP, diffusers {row['median_ms']['diffusers']:.1f} ms, "
-                  f"minidiff {row['median_ms']['minidiff']:.1f} ms, ratio {row['ratio_minidiff_over_diffusers']:.3f}",
-                  flush=True)
+    # results accumulate in --json across runs (one row per section), so the tables can be built by
+    # several shorter commands; each section is written as soon as it is done
+    previous = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    rows = {r["section"]: r for r in previous.get("results", [])}
+    import diffusers
+    import transformers
 
-    # Re-measure the ceilings with the machine warm and keep the best: a cold first pass under-reads them.
+    meta = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    commands = previous.get("meta", {}).get("commands", []) + ["python benchmarks/bench.py " + " ".join(sys.argv[1:])]
+    peaks = {k: max(v, previous.get("meta", {}).get("peak_gflops", {}).get(k, 0.0)) for k, v in peaks.items()}
+    for section in sections:
+        row = bench_section(section, args)
+        row["repeats"], row["warmup"] = args.repeats, args.warmup
+        rows[section] = row
+        print(f"{section}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["median_ms"].items())
+              + f", ratio {row['ratio']:.3f}" + (f", compile s {row['compile_s']}" if "compile_s" in row else "")
+              + (f", peak MiB {row['peak_mib']}" if "peak_mib" in row else ""), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"meta": {**meta, "peak_gflops": peaks, "commands": commands},
+                                             "results": list(rows.values())}, indent=2) + "\n")
+
+    # ceilings again with the machine warm, keeping the best: a cold first pass under-reads them
     peaks = {k: max(v, peak_gflops(args.device, dtype)[k]) for k, v in peaks.items()}
     peak = max(peaks.values())
     print("best measured peaks: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
-    for r in rows:
-        r["pct_of_peak"] = {k: 100 * v / peak for k, v in r["gflops"].items()}
-
-    print("\n| workload | GFLOP | diffusers ms | minidiff ms | ratio | diffusers GFLOP/s | minidiff GFLOP/s "
-          "| diffusers % peak | minidiff % peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['workload']} | {r['flops'] / 1e9:.1f} | {r['median_ms']['diffusers']:.1f} | "
-              f"{r['median_ms']['minidiff']:.1f} | {r['ratio_minidiff_over_diffusers']:.3f} | "
-              f"{r['gflops']['diffusers']:.1f} | {r['gflops']['minidiff']:.1f} | "
-              f"{r['pct_of_peak']['diffusers']:.0f}% | {r['pct_of_peak']['minidiff']:.0f}% |")
-
+    ordered = [rows[s] for s in SECTIONS if s in rows]
+    table = markdown(ordered, peak)
+    print("\n" + table)
     if args.json:
-        import diffusers
-
-        meta = {"device": args.device, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
-                "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
-                "machine": platform.processor() or platform.machine(),
-                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-                "peak_gflops": peaks, "peak_used_gflops": peak, "command": " ".join(sys.argv)}
-        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+        meta.update(peak_gflops=peaks, peak_used_gflops=peak, commands=commands)
+        args.json.write_text(json.dumps({"meta": meta, "results": ordered, "table": table}, indent=2) + "\n")
         print(f"wrote {args.json}")
-
 
 if __name__ == "__main__":
     main()
