@@ -102,35 +102,44 @@ def _dtype(torch_dtype: torch.dtype | str | None, sd: dict[str, torch.Tensor]) -
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _build(cls: type, fmt: Any, raw: dict[str, Any], sd: dict[str, torch.Tensor], torch_dtype: Any, what: str):
-    config = fmt.config_from_dict(raw)
-    return cls.from_foreign_state_dict(config, sd, _dtype(torch_dtype, sd), what=what, fmt=fmt)
+def _inferred(parts: dict[str, dict[str, torch.Tensor]], component: str, what: str) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """One model's weights_conversion format, the config its weights determine, and its state dict."""
+    if component == "unet":
+        sd = parts["unet"]
+        return ldm_unet.FORMAT, ldm_unet.config_from_state_dict(sd, what), sd
+    if component == "vae":
+        sd = parts["vae"]
+        return ldm_vae.FORMAT, ldm_vae.config_from_state_dict(sd, what), sd
+    if "clip" in parts:
+        sd = parts["clip"]
+        return ldm_clip.CLIP_FORMAT, ldm_clip.clip_config(sd, what), sd
+    sd = parts["openclip"]
+    return ldm_clip.OPENCLIP_FORMAT, ldm_clip.openclip_config(sd, what), sd
 
 
-def _unet(f: SingleFile, variant: ldm.Variant, torch_dtype: Any):
+def _from_variant(component: str, variant: ldm.Variant) -> dict[str, Any]:
+    """The config keys the weights cannot give, filled from the variant (SD1 / SD2)."""
+    if component == "unet":
+        return {"sample_size": variant.image_size // 8, "upcast_attention": variant.upcast_attention}
+    if component == "vae":
+        return {"sample_size": variant.image_size}
+    return {}
+
+
+_NAMES = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+
+
+def _load(component: str, f: SingleFile, variant: ldm.Variant, torch_dtype: Any):
+    from .autoencoder_kl import AutoencoderKL
+    from .clip_text import CLIPTextModel
     from .unet_2d_condition import UNet2DConditionModel
 
-    raw = {**f.unet_config(), "sample_size": variant.image_size // 8, "upcast_attention": variant.upcast_attention}
-    return _build(UNet2DConditionModel, ldm_unet.FORMAT, raw, f.parts["unet"], torch_dtype, f"the UNet in {f.what}")
-
-
-def _vae(f: SingleFile, variant: ldm.Variant, torch_dtype: Any):
-    from .autoencoder_kl import AutoencoderKL
-
-    sd = f.parts["vae"]
-    raw = {**ldm_vae.config_from_state_dict(sd, f.what), "sample_size": variant.image_size}
-    return _build(AutoencoderKL, ldm_vae.FORMAT, raw, sd, torch_dtype, f"the VAE in {f.what}")
-
-
-def _text_encoder(f: SingleFile, torch_dtype: Any):
-    from .clip_text import CLIPTextModel
-
-    what = f"the text encoder in {f.what}"
-    if "clip" in f.parts:
-        sd = f.parts["clip"]
-        return _build(CLIPTextModel, ldm_clip.CLIP_FORMAT, ldm_clip.clip_config(sd, f.what), sd, torch_dtype, what)
-    sd = f.parts["openclip"]
-    return _build(CLIPTextModel, ldm_clip.OPENCLIP_FORMAT, ldm_clip.openclip_config(sd, f.what), sd, torch_dtype, what)
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component]
+    _require(f, component)
+    fmt, raw, sd = _inferred(f.parts, component, f.what)
+    config = fmt.config_from_dict({**raw, **_from_variant(component, variant)})
+    what = f"the {_NAMES[component]} in {f.what}"
+    return cls.from_foreign_state_dict(config, sd, _dtype(torch_dtype, sd), what=what, fmt=fmt)
 
 
 def _require(f: SingleFile, component: str) -> None:
@@ -148,13 +157,7 @@ def load_model(cls: type, path: str | os.PathLike, torch_dtype: Any = None, use_
     if component is None:
         raise TypeError(f"{cls.__name__} cannot be loaded from an LDM single file (only {sorted(COMPONENT)})")
     f = read_single_file(path, use_ema)
-    _require(f, component)
-    variant = f.variant(prediction_type)
-    if component == "unet":
-        return _unet(f, variant, torch_dtype)
-    if component == "vae":
-        return _vae(f, variant, torch_dtype)
-    return _text_encoder(f, torch_dtype)
+    return _load(component, f, f.variant(prediction_type), torch_dtype)
 
 
 def _tokenizer(tokenizer: Any, variant: ldm.Variant):
@@ -179,15 +182,9 @@ def load_pipeline(cls: type, path: str | os.PathLike, prediction_type: str | Non
         raise TypeError(f"{cls.__name__}.from_single_file got unknown arguments {unknown}")
     f = read_single_file(path, use_ema)
     variant = f.variant(prediction_type)
-    if "unet" not in components:
-        _require(f, "unet")
-        components["unet"] = _unet(f, variant, torch_dtype)
-    if "vae" not in components:
-        _require(f, "vae")
-        components["vae"] = _vae(f, variant, torch_dtype)
-    if "text_encoder" not in components:
-        _require(f, "text_encoder")
-        components["text_encoder"] = _text_encoder(f, torch_dtype)
+    for component in ("unet", "vae", "text_encoder"):
+        if component not in components:
+            components[component] = _load(component, f, variant, torch_dtype)
     if "scheduler" not in components:
         config = dict(variant.scheduler)
         components["scheduler"] = SCHEDULERS[config["_class_name"]].from_config(config)
@@ -214,26 +211,17 @@ def to_ldm_state_dict(unet: Any = None, vae: Any = None, text_encoder: Any = Non
     return ldm.join(parts)
 
 
-# what the reader fills from the variant (SD1 / SD2), not from the weights: never compared
-_VARIANT_KEYS = {"unet": ("sample_size", "upcast_attention"), "vae": ("sample_size",)}
-
-
 def _check_reads_back(parts: dict[str, dict[str, torch.Tensor]], **models: Any) -> None:
     """An LDM file carries no config: refuse to write a model whose weights would read back as a
     different architecture (a norm group count, head count or scaling factor SD does not use)."""
-    inferred = {}
-    if "unet" in parts:
-        inferred["unet"] = ldm_unet.FORMAT.config_from_dict(ldm_unet.config_from_state_dict(parts["unet"]))
-    if "vae" in parts:
-        inferred["vae"] = ldm_vae.FORMAT.config_from_dict(ldm_vae.config_from_state_dict(parts["vae"]))
-    if "clip" in parts:
-        inferred["text_encoder"] = ldm_clip.CLIP_FORMAT.config_from_dict(ldm_clip.clip_config(parts["clip"]))
-    if "openclip" in parts:
-        inferred["text_encoder"] = ldm_clip.OPENCLIP_FORMAT.config_from_dict(ldm_clip.openclip_config(parts["openclip"]))
-    for name, config in inferred.items():
-        ours = models[name].config
-        diff = [f"{k}={ours[k]!r} (would read back as {config[k]!r})" for k in ours.keys()
-                if k not in _VARIANT_KEYS.get(name, ()) and ours[k] != config[k]]
+    for name, model in models.items():
+        if model is None:
+            continue
+        fmt, raw, _ = _inferred(parts, name, "the written file")
+        config = fmt.config_from_dict(raw)
+        from_variant = _from_variant(name, ldm.VARIANTS["sd1"])  # filled on reading, never compared
+        diff = [f"{k}={model.config[k]!r} (would read back as {config[k]!r})" for k in model.config.keys()
+                if k not in from_variant and model.config[k] != config[k]]
         if diff:
             raise ConversionError(f"the {name} cannot be written as an LDM single file, which has no config: "
                                   f"its weights do not determine {', '.join(diff[:4])}")

@@ -41,7 +41,7 @@ from .autoencoder_kl import AutoencoderKL
 from .clip_text import CLIPTextModel
 from .pipelines import StableDiffusionPipeline
 from .schedulers import DDPMScheduler, DPMSolverMultistepScheduler
-from .tokenizer import BOS_TOKEN, EOS_TOKEN, CLIPTokenizer
+from .tokenizer import _DEFAULT_VOCAB, BOS_TOKEN, EOS_TOKEN, CLIPTokenizer
 from .unet_2d_condition import UNet2DConditionModel
 
 
@@ -68,7 +68,7 @@ def toy_tokenizer() -> CLIPTokenizer:
     """CLIP's tokenizer cut down to the grammar's words: the same tokens, a 0.5k vocabulary."""
     from weights_conversion.clip_vocab import vocab_and_merges  # OpenAI's BPE file format lives there
 
-    full_vocab, merges = vocab_and_merges(Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz")
+    full_vocab, merges = vocab_and_merges(_DEFAULT_VOCAB)
     rank = {m: i for i, m in enumerate(merges)}
     used: set[tuple[str, str]] = set()
     for word in {"a", "on", "background", *shapes.COLORS, *shapes.SHAPES}:
