@@ -2,7 +2,8 @@
 
 Usage (the committed tables: benchmarks/README.md):
     python benchmarks/bench.py --make-weights /tmp/minidiff-bench/sd15
-    python benchmarks/bench.py --dtype fp32 --only unet32,unet64,vae256,vae512,text,txt2img,ttfo --memory --json out.json
+    python benchmarks/bench.py --dtype fp32 --only unet32,unet64,vae256,vae512,text,txt2img,ttfo --memory \
+        --json out.json
     python benchmarks/bench.py --dtype bf16 --only unet32 --compile
 
 Each workload runs the two implementations interleaved (A B A B ...) after warm-up, so slow drifts
@@ -10,6 +11,7 @@ in machine speed (other tenants, clocks) hit both alike; medians are reported. T
 output and peak memory are measured in a fresh process per implementation (`--child`), so one
 library's imports, caches and allocator state never count against the other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -85,7 +88,11 @@ def load(impl: str, component: str, folder: Path, device: str, dtype: torch.dtyp
 
         te_cls = transformers.CLIPTextModel
     if component == "pipeline":
-        kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False} if impl == "diffusers" else {}
+        kwargs = (
+            {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+            if impl == "diffusers"
+            else {}
+        )
         pipe = lib.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **kwargs).to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -109,8 +116,16 @@ def workload(section: str, model: Any, device: str, dtype: torch.dtype) -> Calla
         ids = torch.randint(0, 49408, (2, 77), generator=g).to(device)
         return lambda: model(ids)[0]
     if section == "txt2img":
-        return lambda: model(PROMPT, height=256, width=256, num_inference_steps=10,
-                             generator=torch.Generator().manual_seed(0), output_type="np").images
+        return lambda: (
+            model(
+                PROMPT,
+                height=256,
+                width=256,
+                num_inference_steps=10,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images
+        )
     raise ValueError(section)
 
 
@@ -167,7 +182,8 @@ def peak_gflops(device: str, dtype: torch.dtype, repeats: int = 10) -> dict[str,
     w = torch.randn(512, 512, 3, 3, device=device, dtype=dtype)
     cases: dict[str, tuple[Callable[[], Any], float]] = {
         "matmul_2048": (lambda: a @ b, 2 * n**3),
-        "conv3x3_512_64x64": (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 9 * 512 * 512 * 64 * 64)}
+        "conv3x3_512_64x64": (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 9 * 512 * 512 * 64 * 64),
+    }
     out: dict[str, float] = {}
     for name, (fn, flops) in cases.items():
         for _ in range(3):
@@ -207,16 +223,35 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak below is the workload's
         t_first = time_once(fn, args.device)
-    out = {"impl": args.impl, "section": args.child, "import_s": t_import, "load_s": t_load, "first_call_s": t_first,
-           "rss_after_load_mib": rss_loaded, "workload_peak_rss_mib": _vm("VmHWM")}
+    out = {
+        "impl": args.impl,
+        "section": args.child,
+        "import_s": t_import,
+        "load_s": t_load,
+        "first_call_s": t_first,
+        "rss_after_load_mib": rss_loaded,
+        "workload_peak_rss_mib": _vm("VmHWM"),
+    }
     if args.device == "cuda":
         out["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
 def run_child(args: argparse.Namespace, section: str, impl: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", section, "--impl", impl, "--device", args.device,
-           "--dtype", args.dtype, "--weights", str(args.weights)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        section,
+        "--impl",
+        impl,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--weights",
+        str(args.weights),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -239,7 +274,9 @@ def bench_section(section: str, args: argparse.Namespace) -> dict[str, Any]:
             for impl in IMPLS:
                 runs[impl].append(run_child(args, "ttfo", impl))
         row["runs"] = runs
-        row["median_ms"] = {impl: 1e3 * statistics.median(r["load_s"] + r["first_call_s"] for r in runs[impl]) for impl in IMPLS}
+        row["median_ms"] = {
+            impl: 1e3 * statistics.median(r["load_s"] + r["first_call_s"] for r in runs[impl]) for impl in IMPLS
+        }
         row["import_ms"] = {impl: 1e3 * statistics.median(r["import_s"] for r in runs[impl]) for impl in IMPLS}
         row["ratio"] = row["median_ms"]["minidiff"] / row["median_ms"]["diffusers"]
         return row
@@ -278,18 +315,32 @@ def bench_section(section: str, args: argparse.Namespace) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]], peak: float) -> str:
     """One table row per workload (and one more per compiled pair); ratios are minidiff / diffusers."""
     cuda = any("max_memory_allocated_mib" in r.get("memory", {}).get("minidiff", {}) for r in rows)
-    lines = [f"| workload | GFLOP | diffusers ms | minidiff ms | minidiff / diffusers | diffusers GFLOP/s (% peak) "
-             f"| minidiff GFLOP/s (% peak) | {'max allocated' if cuda else 'peak RSS'} diffusers MiB | minidiff MiB | mem ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| workload | GFLOP | diffusers ms | minidiff ms | minidiff / diffusers | diffusers GFLOP/s (% peak) "
+        "| minidiff GFLOP/s (% peak) | "
+        f"{'max allocated' if cuda else 'peak RSS'} diffusers MiB | minidiff MiB | mem ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         pairs = [("diffusers", "minidiff")] + ([("diffusers+compile", "minidiff+compile")] if "compile_s" in r else [])
         for d, m in pairs:
             ms_d, ms_m = r["median_ms"][d], r["median_ms"][m]
             cells = [r["workload"] + (" (torch.compile)" if d != "diffusers" else "")]
-            cells += [f"{r['flops'] / 1e9:.1f}" if "flops" in r else "–", f"{ms_d:.1f}", f"{ms_m:.1f}", f"**{ms_m / ms_d:.3f}**"]
-            cells += [f"{r['gflops'][k]:.0f} ({100 * r['gflops'][k] / peak:.0f}%)" if "gflops" in r else "–" for k in (d, m)]
+            cells += [
+                f"{r['flops'] / 1e9:.1f}" if "flops" in r else "–",
+                f"{ms_d:.1f}",
+                f"{ms_m:.1f}",
+                f"**{ms_m / ms_d:.3f}**",
+            ]
+            cells += [
+                f"{r['gflops'][k]:.0f} ({100 * r['gflops'][k] / peak:.0f}%)" if "gflops" in r else "–" for k in (d, m)
+            ]
             if "peak_mib" in r and d == "diffusers":
-                cells += [f"{r['peak_mib']['diffusers']:.0f}", f"{r['peak_mib']['minidiff']:.0f}", f"**{r['memory_ratio']:.3f}**"]
+                cells += [
+                    f"{r['peak_mib']['diffusers']:.0f}",
+                    f"{r['peak_mib']['minidiff']:.0f}",
+                    f"**{r['memory_ratio']:.3f}**",
+                ]
             else:
                 cells += ["", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
@@ -306,7 +357,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--memory", action="store_true", help="also measure each section's peak memory in fresh processes")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models (compile time reported apart)")
+    p.add_argument(
+        "--compile", action="store_true", help="also time torch.compile'd models (compile time reported apart)"
+    )
     p.add_argument("--json", type=Path, help="write results here")
     p.add_argument("--child", choices=list(SECTIONS), help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
@@ -334,22 +387,38 @@ def main() -> None:
     import diffusers
     import transformers
 
-    meta = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    meta = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    }
     commands = previous.get("meta", {}).get("commands", []) + ["python benchmarks/bench.py " + " ".join(sys.argv[1:])]
     peaks = {k: max(v, previous.get("meta", {}).get("peak_gflops", {}).get(k, 0.0)) for k, v in peaks.items()}
     for section in sections:
         row = bench_section(section, args)
         row["repeats"], row["warmup"] = args.repeats, args.warmup
         rows[section] = row
-        print(f"{section}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row["median_ms"].items())
-              + f", ratio {row['ratio']:.3f}" + (f", compile s {row['compile_s']}" if "compile_s" in row else "")
-              + (f", peak MiB {row['peak_mib']}" if "peak_mib" in row else ""), flush=True)
+        print(
+            f"{section}: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in row["median_ms"].items())
+            + f", ratio {row['ratio']:.3f}"
+            + (f", compile s {row['compile_s']}" if "compile_s" in row else "")
+            + (f", peak MiB {row['peak_mib']}" if "peak_mib" in row else ""),
+            flush=True,
+        )
         if args.json:
-            args.json.write_text(json.dumps({"meta": {**meta, "peak_gflops": peaks, "commands": commands},
-                                             "results": list(rows.values())}, indent=2) + "\n")
+            args.json.write_text(
+                json.dumps(
+                    {"meta": {**meta, "peak_gflops": peaks, "commands": commands}, "results": list(rows.values())},
+                    indent=2,
+                )
+                + "\n"
+            )
 
     # ceilings again with the machine warm, keeping the best: a cold first pass under-reads them
     peaks = {k: max(v, peak_gflops(args.device, dtype)[k]) for k, v in peaks.items()}
@@ -362,6 +431,7 @@ def main() -> None:
         meta.update(peak_gflops=peaks, peak_used_gflops=peak, commands=commands)
         args.json.write_text(json.dumps({"meta": meta, "results": ordered, "table": table}, indent=2) + "\n")
         print(f"wrote {args.json}")
+
 
 if __name__ == "__main__":
     main()

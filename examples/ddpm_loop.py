@@ -78,8 +78,13 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
 
 
 def generate(
-    lib: Library = minidiff, model: str = "google/ddpm-cat-256", steps: int = 25, seed: int = 0,
-    batch_size: int = 1, device: str = "cpu", progress: bool = False,
+    lib: Library = minidiff,
+    model: str = "google/ddpm-cat-256",
+    steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 1,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> np.ndarray:
     """Load, sample and convert: (B, H, W, 3) images in [0, 1]."""
     unet, scheduler = load(lib, model, device)

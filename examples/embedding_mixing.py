@@ -84,17 +84,33 @@ def mixed_prompt_embeddings(
 
 
 def generate(
-    lib: Library = minidiff, model: str = "runwayml/stable-diffusion-v1-5", prompt: str = "a picture of a puppy",
-    word: str = "puppy", other: str = "skunk", mix: float = 0.5, steps: int = 30, seed: int = 32,
-    height: int | None = None, width: int | None = None, guidance_scale: float = 7.5,
-    scheduler: str = "LMSDiscreteScheduler", device: str = "cpu", progress: bool = False,
+    lib: Library = minidiff,
+    model: str = "runwayml/stable-diffusion-v1-5",
+    prompt: str = "a picture of a puppy",
+    word: str = "puppy",
+    other: str = "skunk",
+    mix: float = 0.5,
+    steps: int = 30,
+    seed: int = 32,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float = 7.5,
+    scheduler: str = "LMSDiscreteScheduler",
+    device: str = "cpu",
+    progress: bool = False,
 ) -> np.ndarray:
     """Prompt with a mixed word -> one (1, H, W, 3) image in [0, 1]."""
     c = load_components(lib, model, scheduler, device)
     prompt_embeds = mixed_prompt_embeddings(c.tokenizer, c.text_encoder, prompt, word, other, mix)
     latents = sample_latents(
-        c, prompt_embeds, steps, torch.Generator().manual_seed(seed),
-        height or c.default_size(), width or c.default_size(), guidance_scale, progress,
+        c,
+        prompt_embeds,
+        steps,
+        torch.Generator().manual_seed(seed),
+        height or c.default_size(),
+        width or c.default_size(),
+        guidance_scale,
+        progress,
     )
     return decode_latents(c.vae, latents)
 
@@ -111,8 +127,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="embedding_mixing.png", help="PNG file to write")
     args = parser.parse_args(argv)
     image = generate(
-        minidiff, args.model, args.prompt, args.word, args.other, args.mix, args.steps, args.seed,
-        args.height, args.width, args.guidance, args.scheduler, args.device, progress=True,
+        minidiff,
+        args.model,
+        args.prompt,
+        args.word,
+        args.other,
+        args.mix,
+        args.steps,
+        args.seed,
+        args.height,
+        args.width,
+        args.guidance,
+        args.scheduler,
+        args.device,
+        progress=True,
     )[0]
     save_png(image, args.output)
     print(f"wrote {args.output}")

@@ -42,7 +42,12 @@ import torch
 from ddpm_loop import Library, save_png
 from PIL import Image
 from stable_diffusion_loop import (
-    add_common_arguments, decode_latents, denoise, encode_prompt, load_components, with_unconditional,
+    add_common_arguments,
+    decode_latents,
+    denoise,
+    encode_prompt,
+    load_components,
+    with_unconditional,
 )
 
 import minidiff
@@ -71,10 +76,19 @@ def noise_to_step(scheduler: Any, latents: torch.Tensor, start_step: int, genera
 
 
 def img2img(
-    lib: Library = minidiff, model: str = "runwayml/stable-diffusion-v1-5", image: str | Path | Image.Image = "",
-    prompt: str = "a colorful dancer, nat geo photo", steps: int = 50, start_step: int = 10, seed: int = 32,
-    height: int | None = None, width: int | None = None, guidance_scale: float = 8.0,
-    scheduler: str = "LMSDiscreteScheduler", device: str = "cpu", progress: bool = False,
+    lib: Library = minidiff,
+    model: str = "runwayml/stable-diffusion-v1-5",
+    image: str | Path | Image.Image = "",
+    prompt: str = "a colorful dancer, nat geo photo",
+    steps: int = 50,
+    start_step: int = 10,
+    seed: int = 32,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float = 8.0,
+    scheduler: str = "LMSDiscreteScheduler",
+    device: str = "cpu",
+    progress: bool = False,
 ) -> np.ndarray:
     """Picture + prompt -> one (1, H, W, 3) image in [0, 1] that keeps the picture's layout."""
     if not 0 <= start_step < steps:
@@ -100,8 +114,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="img2img.png", help="PNG file to write")
     args = parser.parse_args(argv)
     image = img2img(
-        minidiff, args.model, args.image, args.prompt, args.steps, args.start_step, args.seed,
-        args.height, args.width, args.guidance, device=args.device, progress=True,
+        minidiff,
+        args.model,
+        args.image,
+        args.prompt,
+        args.steps,
+        args.start_step,
+        args.seed,
+        args.height,
+        args.width,
+        args.guidance,
+        device=args.device,
+        progress=True,
     )[0]
     save_png(image, args.output)
     print(f"wrote {args.output}")

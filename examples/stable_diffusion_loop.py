@@ -104,8 +104,13 @@ def with_unconditional(c: Components, prompt_embeds: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def denoise(
-    unet: Any, scheduler: Any, latents: torch.Tensor, text_embeddings: torch.Tensor, guidance_scale: float,
-    start_step: int = 0, progress: bool = False,
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    guidance_scale: float,
+    start_step: int = 0,
+    progress: bool = False,
 ) -> torch.Tensor:
     """The denoising loop with CFG, over `scheduler.timesteps[start_step:]` (img2img starts later)."""
     for t in tqdm(scheduler.timesteps[start_step:], disable=not progress):
@@ -119,8 +124,14 @@ def denoise(
 
 
 def sample_latents(
-    c: Components, prompt_embeds: torch.Tensor, steps: int, generator: torch.Generator,
-    height: int, width: int, guidance_scale: float = 7.5, progress: bool = False,
+    c: Components,
+    prompt_embeds: torch.Tensor,
+    steps: int,
+    generator: torch.Generator,
+    height: int,
+    width: int,
+    guidance_scale: float = 7.5,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Text embeddings (B, 77, hidden) -> denoised latents (B, 4, height / 8, width / 8)."""
     if height % c.vae_scale or width % c.vae_scale:
@@ -139,17 +150,30 @@ def decode_latents(vae: Any, latents: torch.Tensor) -> np.ndarray:
 
 
 def generate(
-    lib: Library = minidiff, model: str = "runwayml/stable-diffusion-v1-5",
-    prompt: str = "a photograph of an astronaut riding a horse", steps: int = 25, seed: int = 0,
-    height: int | None = None, width: int | None = None, guidance_scale: float = 7.5,
-    scheduler: str = "UniPCMultistepScheduler", device: str = "cpu", progress: bool = False,
+    lib: Library = minidiff,
+    model: str = "runwayml/stable-diffusion-v1-5",
+    prompt: str = "a photograph of an astronaut riding a horse",
+    steps: int = 25,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float = 7.5,
+    scheduler: str = "UniPCMultistepScheduler",
+    device: str = "cpu",
+    progress: bool = False,
 ) -> np.ndarray:
     """Prompt -> one (1, H, W, 3) image in [0, 1]."""
     c = load_components(lib, model, scheduler, device)
     prompt_embeds = encode_prompt(c.tokenizer, c.text_encoder, [prompt])
     latents = sample_latents(
-        c, prompt_embeds, steps, torch.Generator().manual_seed(seed),
-        height or c.default_size(), width or c.default_size(), guidance_scale, progress,
+        c,
+        prompt_embeds,
+        steps,
+        torch.Generator().manual_seed(seed),
+        height or c.default_size(),
+        width or c.default_size(),
+        guidance_scale,
+        progress,
     )
     return decode_latents(c.vae, latents)
 
@@ -173,8 +197,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="stable_diffusion.png", help="PNG file to write")
     args = parser.parse_args(argv)
     image = generate(
-        minidiff, args.model, args.prompt, args.steps, args.seed, args.height, args.width, args.guidance,
-        args.scheduler, args.device, progress=True,
+        minidiff,
+        args.model,
+        args.prompt,
+        args.steps,
+        args.seed,
+        args.height,
+        args.width,
+        args.guidance,
+        args.scheduler,
+        args.device,
+        progress=True,
     )[0]
     save_png(image, args.output)
     print(f"wrote {args.output}")

@@ -29,6 +29,30 @@ from .unet_2d_condition import UNet2DConditionModel
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "AutoencoderKL",
+    "CLIPTextModel",
+    "CLIPTokenizer",
+    "DDIMScheduler",
+    "DDPMPipeline",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DiffusionPipeline",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "SCHEDULERS",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionPipeline",
+    "UNet2DConditionModel",
+    "UNet2DModel",
+    "UniPCMultistepScheduler",
+    "DEFAULT_MODEL",
+]
+
 # the bundled model: a toy Stable Diffusion trained from scratch by minidiff/train.py on the
 # shapes of minidiff/shapes.py ("a red circle on a white background"), in the diffusers layout
 DEFAULT_MODEL: str = str(_Path(__file__).resolve().parent / "data" / "shapes-64")

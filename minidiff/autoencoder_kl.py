@@ -54,11 +54,14 @@ class AutoencoderKLConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         check_levels("AutoencoderKL", self.block_out_channels, self.down_block_types, self.up_block_types)
-        check_supported("AutoencoderKL", (
-            ("down_block_types", self.down_block_types, ("DownEncoderBlock2D",)),
-            ("up_block_types", self.up_block_types, ("UpDecoderBlock2D",)),
-            ("act_fn", (self.act_fn,), ("silu", "swish")),
-        ))
+        check_supported(
+            "AutoencoderKL",
+            (
+                ("down_block_types", self.down_block_types, ("DownEncoderBlock2D",)),
+                ("up_block_types", self.up_block_types, ("UpDecoderBlock2D",)),
+                ("act_fn", (self.act_fn,), ("silu", "swish")),
+            ),
+        )
 
 
 class DiagonalGaussianDistribution:
@@ -97,12 +100,29 @@ class Encoder(nn.Module):
         chs, groups, n = c.block_out_channels, c.norm_num_groups, c.layers_per_block
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            UNetLevel([chs[max(i - 1, 0)]] + [ch] * (n - 1), ch, temb_channels=None, attention=False, heads=1,
-                      groups=groups, eps=1e-6, downsample=i < len(chs) - 1, downsample_padding=0)
+            UNetLevel(
+                [chs[max(i - 1, 0)]] + [ch] * (n - 1),
+                ch,
+                temb_channels=None,
+                attention=False,
+                heads=1,
+                groups=groups,
+                eps=1e-6,
+                downsample=i < len(chs) - 1,
+                downsample_padding=0,
+            )
             for i, ch in enumerate(chs)
         )
-        self.mid_block = MidBlock(chs[-1], temb_channels=None, heads=1, groups=groups, attn_groups=groups, eps=1e-6,
-                                  scale=1.0, attention=c.mid_block_add_attention)
+        self.mid_block = MidBlock(
+            chs[-1],
+            temb_channels=None,
+            heads=1,
+            groups=groups,
+            attn_groups=groups,
+            eps=1e-6,
+            scale=1.0,
+            attention=c.mid_block_add_attention,
+        )
         self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], 2 * c.latent_channels, 3, padding=1)
 
@@ -121,12 +141,28 @@ class Decoder(nn.Module):
         super().__init__()
         chs, groups, n = c.block_out_channels[::-1], c.norm_num_groups, c.layers_per_block
         self.conv_in = nn.Conv2d(c.latent_channels, chs[0], 3, padding=1)
-        self.mid_block = MidBlock(chs[0], temb_channels=None, heads=1, groups=groups, attn_groups=groups, eps=1e-6,
-                                  scale=1.0, attention=c.mid_block_add_attention)
+        self.mid_block = MidBlock(
+            chs[0],
+            temb_channels=None,
+            heads=1,
+            groups=groups,
+            attn_groups=groups,
+            eps=1e-6,
+            scale=1.0,
+            attention=c.mid_block_add_attention,
+        )
         # one more ResNet per level than the encoder, as in the original
         self.up_blocks = nn.ModuleList(
-            UNetLevel([chs[max(i - 1, 0)]] + [ch] * n, ch, temb_channels=None, attention=False, heads=1,
-                      groups=groups, eps=1e-6, upsample=i < len(chs) - 1)
+            UNetLevel(
+                [chs[max(i - 1, 0)]] + [ch] * n,
+                ch,
+                temb_channels=None,
+                attention=False,
+                heads=1,
+                groups=groups,
+                eps=1e-6,
+                upsample=i < len(chs) - 1,
+            )
             for i, ch in enumerate(chs)
         )
         self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
@@ -155,7 +191,9 @@ class AutoencoderKL(ModelMixin):
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
 
-    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
+    def encode(
+        self, x: torch.Tensor, return_dict: bool = True
+    ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)

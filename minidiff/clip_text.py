@@ -56,10 +56,13 @@ class CLIPTextConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIPTextModel: hidden_act={self.hidden_act!r} is not supported (supported: {ACTIVATIONS})")
+            raise ValueError(
+                f"CLIPTextModel: hidden_act={self.hidden_act!r} is not supported (supported: {ACTIVATIONS})"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"CLIPTextModel: hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads ({self.num_attention_heads})"
+                f"CLIPTextModel: hidden_size ({self.hidden_size}) is not a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         if not isinstance(self.eos_token_id, int):
             raise ValueError(f"CLIPTextModel: eos_token_id must be one integer, got {self.eos_token_id!r}")
@@ -169,7 +172,9 @@ class CLIPTextModel(ModelMixin):
         mask = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (b, n):
-                raise ValueError(f"CLIPTextModel: attention_mask must have shape {(b, n)}, got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"CLIPTextModel: attention_mask must have shape {(b, n)}, got {tuple(attention_mask.shape)}"
+                )
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             mask = causal & attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, N, N)
 
@@ -198,12 +203,21 @@ class CLIPTextModel(ModelMixin):
         return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
 
     def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"CLIPTextModel: input_ids must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dtype.is_floating_point
+            or input_ids.dtype == torch.bool
+        ):
+            raise ValueError(
+                "CLIPTextModel: input_ids must be an integer tensor, "
+                f"got {getattr(input_ids, 'dtype', type(input_ids))}"
+            )
         if input_ids.ndim == 1:  # one unbatched prompt
             input_ids = input_ids[None]
         if input_ids.ndim != 2:
-            raise ValueError(f"CLIPTextModel: input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"CLIPTextModel: input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
+            )
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"CLIPTextModel: token ids must lie in [0, {self.config.vocab_size}), got ids from "

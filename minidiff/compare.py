@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,9 @@ class LayerReport:
         return "\n".join(lines)
 
 
-def _module_keys(model: nn.Module, rename: Callable[[str], str | None] = lambda k: k) -> dict[str, frozenset[str] | None]:
+def _module_keys(
+    model: nn.Module, rename: Callable[[str], str | None] = lambda k: k
+) -> dict[str, frozenset[str] | None]:
     """module name -> the (renamed) state-dict keys under it; None where a key has no rename.
 
     ModuleLists and ModuleDicts are left out: they are never called, so they have no output.
@@ -128,7 +131,7 @@ def _aligned(rename: Callable[[str], str | None], ours: nn.Module, reference: nn
     wanted = set(reference.state_dict())
     heads = {k.split(".", 1)[0] + "." for k in exported | wanted if "." in k}
     shifts: list[Callable[[str], str]] = [lambda k: k]
-    shifts += [lambda k, p=p: k[len(p):] if k.startswith(p) else k for p in heads]
+    shifts += [lambda k, p=p: k[len(p) :] if k.startswith(p) else k for p in heads]
     shifts += [lambda k, p=p: p + k for p in heads]
     best = max(shifts, key=lambda shift: len({shift(k) for k in exported} & wanted))
     return lambda key: None if (n := rename(key)) is None else best(n)
@@ -213,7 +216,9 @@ def compare_layers(
     def record(ref_name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             t = _first_tensor(output)
-            ref_outputs[ref_name].append(None if t is None else t.detach().clone())  # later in-place ops must not change it
+            ref_outputs[ref_name].append(
+                None if t is None else t.detach().clone()
+            )  # later in-place ops must not change it
 
         return hook
 
@@ -226,9 +231,22 @@ def compare_layers(
             shape = tuple(a.shape) if a is not None else ()
             if a is None or b is None:
                 note = "the reference module was not called as often" if call >= len(seen) else "no tensor output"
-                layers.append(LayerDiff(name, ref_name, call, float("inf"), float("inf"), shape, tuple(b.shape) if b is not None else (), note))
+                layers.append(
+                    LayerDiff(
+                        name,
+                        ref_name,
+                        call,
+                        float("inf"),
+                        float("inf"),
+                        shape,
+                        tuple(b.shape) if b is not None else (),
+                        note,
+                    )
+                )
             elif a.numel() != b.numel():
-                layers.append(LayerDiff(name, ref_name, call, float("inf"), float("inf"), shape, tuple(b.shape), "shapes differ"))
+                layers.append(
+                    LayerDiff(name, ref_name, call, float("inf"), float("inf"), shape, tuple(b.shape), "shapes differ")
+                )
             else:
                 # the same numbers may be laid out differently, e.g. (B, C, H, W) against (B, C, H*W)
                 err, max_abs = _diff(a.reshape(b.shape), b)

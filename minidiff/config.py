@@ -8,7 +8,8 @@ handed on to another scheduler class), so they use `FrozenDict`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 
 class ConfigBase:
@@ -69,7 +70,9 @@ def check_supported(model: str, choices: Iterable[tuple[str, Iterable[Any], Iter
                 raise ValueError(f"{model}: {key}={value!r} is not supported by minidiff (supported: {allowed})")
 
 
-def check_levels(model: str, block_out_channels: tuple[int, ...], down_block_types: tuple[str, ...], up_block_types: tuple[str, ...]) -> None:
+def check_levels(
+    model: str, block_out_channels: tuple[int, ...], down_block_types: tuple[str, ...], up_block_types: tuple[str, ...]
+) -> None:
     """A UNet-shaped config has one down block type, one up block type and one width per level."""
     n = len(block_out_channels)
     if len(down_block_types) != n or len(up_block_types) != n:

@@ -36,7 +36,9 @@ def timestep_embedding(
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
     freqs = torch.exp(exponent / (half - freq_shift))
     args = timesteps[:, None].float() * freqs[None, :]
-    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], dim=-1)
+    emb = torch.cat(
+        [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)], dim=-1
+    )
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -55,7 +57,9 @@ def as_timestep_batch(
     elif timestep.ndim == 0:
         timestep = timestep[None].to(device)
     if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
-        raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(timestep.shape)}")
+        raise ValueError(
+            f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(timestep.shape)}"
+        )
     return timestep.expand(batch)
 
 
@@ -87,8 +91,16 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        if (h * w > 64 or x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling()
-                or self.kernel_size != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1) or self.groups != 1):
+        if (
+            h * w > 64
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or torch.compiler.is_compiling()
+            or self.kernel_size != (3, 3)
+            or self.stride != (1, 1)
+            or self.padding != (1, 1)
+            or self.groups != 1
+        ):
             return super().forward(x)
         cols = F.unfold(x, 3, padding=1)  # (B, C_in*9, H*W)
         y = torch.matmul(self.weight.flatten(1), cols)  # (B, C_out, H*W)
@@ -156,7 +168,11 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # nearest copies values, so no upcast is needed in bf16/fp16 (diffusers upcasts bf16 for torch < 2.1)
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest") if size is None else F.interpolate(x, size=size, mode="nearest")
+        x = (
+            F.interpolate(x, scale_factor=2.0, mode="nearest")
+            if size is None
+            else F.interpolate(x, size=size, mode="nearest")
+        )
         return self.conv(x)
 
 
@@ -203,7 +219,9 @@ class Attention(nn.Module):
         )
         causal = causal and mask is None
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).to(x.dtype)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).to(
+                x.dtype
+            )
         else:
             # a query whose every key is masked gets an all-zero row (as in transformers)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)

@@ -62,9 +62,7 @@ def resolve_file(
 
     offline = local_files_only or _hub_offline()
     try:
-        return Path(
-            hf_hub_download(repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only)
-        )
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only))
     except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: catch it first)
         if required:
             where = "and the Hub is offline" if offline else "and the Hub could not be reached"
@@ -152,9 +150,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
     if not head:
         raise CheckpointError(f"the weight file {path} is empty")
     if head.startswith(_LFS_POINTER):
-        raise CheckpointError(
-            f"{path} is a Git LFS pointer, not the weights: fetch the real file (git lfs pull)"
-        )
+        raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: fetch the real file (git lfs pull)")
     is_pickle_like = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
     if path.suffix == ".safetensors":
         if is_pickle_like:

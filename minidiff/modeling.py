@@ -90,13 +90,19 @@ class ModelMixin(nn.Module):
         where = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
         raw = load_config(pretrained_model_name_or_path, subfolder, cls.config_name, local_files_only)
         config = fmt.config_from_dict(raw)
-        files = find_weight_files(pretrained_model_name_or_path, subfolder, cls.weights_names, variant, local_files_only)
+        files = find_weight_files(
+            pretrained_model_name_or_path, subfolder, cls.weights_names, variant, local_files_only
+        )
         state_dict = read_state_dict(files)
         return cls.from_foreign_state_dict(config, state_dict, torch_dtype, what=f"{cls.__name__} weights in {where}")
 
     @classmethod
     def from_foreign_state_dict(
-        cls, config: Any, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None = None, what: str = "",
+        cls,
+        config: Any,
+        state_dict: dict[str, torch.Tensor],
+        torch_dtype: torch.dtype | None = None,
+        what: str = "",
         fmt: Any = None,
     ):
         """Build on the meta device, rename strictly against its exact keys/shapes, adopt the tensors.
@@ -128,12 +134,16 @@ class ModelMixin(nn.Module):
         self.load_state_dict(state_dict, strict=True, assign=True)
         return self.eval().requires_grad_(False)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
+    ) -> None:
         """Write config.json + weights in the diffusers / transformers layout (loadable by them)."""
         fmt = self._format()
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        (out / self.config_name).write_text(json.dumps(fmt.config_to_dict(self.config), indent=2, sort_keys=True) + "\n")
+        (out / self.config_name).write_text(
+            json.dumps(fmt.config_to_dict(self.config), indent=2, sort_keys=True) + "\n"
+        )
         state_dict = {k: v.detach().contiguous() for k, v in fmt.export(self.state_dict(), self.config).items()}
         stem = self.weights_names[0] if safe_serialization else self.weights_names[-1]
         name = stem + (f".{variant}" if variant else "")

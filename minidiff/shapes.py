@@ -53,12 +53,21 @@ def random_scene(rng: random.Random) -> Scene:
 
 
 def parse_caption(caption: str) -> Scene:
-    """"a red circle on a white background" -> Scene("circle", "red", "white")."""
+    """ "a red circle on a white background" -> Scene("circle", "red", "white")."""
     words = caption.lower().split()
-    if (len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background"
-            or words[1] not in COLORS or words[2] not in SHAPES or words[5] not in COLORS):
-        raise ValueError(f"{caption!r} is not 'a <colour> <shape> on a <colour> background' with colours "
-                         f"{', '.join(COLORS)} and shapes {', '.join(SHAPES)}")
+    if (
+        len(words) != 7
+        or words[0] != "a"
+        or words[3:5] != ["on", "a"]
+        or words[6] != "background"
+        or words[1] not in COLORS
+        or words[2] not in SHAPES
+        or words[5] not in COLORS
+    ):
+        raise ValueError(
+            f"{caption!r} is not 'a <colour> <shape> on a <colour> background' with colours "
+            f"{', '.join(COLORS)} and shapes {', '.join(SHAPES)}"
+        )
     return Scene(words[2], words[1], words[5])
 
 
@@ -82,8 +91,9 @@ def render(scenes: list[Scene], rng: random.Random) -> torch.Tensor:
     images = torch.empty(n, 3, SIZE, SIZE, dtype=torch.uint8)
     for i, s in enumerate(scenes):
         mask = masks[s.shape][i]
-        images[i] = torch.where(mask, torch.tensor(COLORS[s.color]).view(3, 1, 1),
-                                torch.tensor(COLORS[s.background]).view(3, 1, 1))
+        images[i] = torch.where(
+            mask, torch.tensor(COLORS[s.color]).view(3, 1, 1), torch.tensor(COLORS[s.background]).view(3, 1, 1)
+        )
     return images
 
 
@@ -124,7 +134,7 @@ def judge(image: torch.Tensor) -> Scene:
     far = largest_blob(far)
     color = _nearest_color(img[:, far].mean(dim=1))
     rows, cols = far.any(1).nonzero(), far.any(0).nonzero()
-    box = far[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    box = far[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     fill = box.float().mean().item()
     shape = min(FILL_RATIO, key=lambda s: abs(FILL_RATIO[s] - fill))
     return Scene(shape, color, _nearest_color(bg_rgb))

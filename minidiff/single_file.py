@@ -70,8 +70,11 @@ class SingleFile:
             name = "sd2-v"
         variant = ldm.VARIANTS[name]
         if prediction_type is not None and prediction_type != variant.prediction_type:  # e.g. an SD1 v-model
-            variant = dataclasses.replace(variant, prediction_type=prediction_type,
-                                          scheduler={**variant.scheduler, "prediction_type": prediction_type})
+            variant = dataclasses.replace(
+                variant,
+                prediction_type=prediction_type,
+                scheduler={**variant.scheduler, "prediction_type": prediction_type},
+            )
         return variant
 
 
@@ -79,8 +82,10 @@ def read_single_file(path: str | os.PathLike, use_ema: bool | None = None) -> Si
     """Read and split an LDM file; every failure names the file."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; from_single_file reads one .safetensors / .ckpt file "
-                              f"(use from_pretrained for a diffusers folder)")
+        raise CheckpointError(
+            f"{path} is a folder; from_single_file reads one .safetensors / .ckpt file "
+            f"(use from_pretrained for a diffusers folder)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}")
     try:
@@ -102,7 +107,9 @@ def _dtype(torch_dtype: torch.dtype | str | None, sd: dict[str, torch.Tensor]) -
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _inferred(parts: dict[str, dict[str, torch.Tensor]], component: str, what: str) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+def _inferred(
+    parts: dict[str, dict[str, torch.Tensor]], component: str, what: str
+) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
     """One model's weights_conversion format, the config its weights determine, and its state dict."""
     if component == "unet":
         sd = parts["unet"]
@@ -143,15 +150,23 @@ def _load(component: str, f: SingleFile, variant: ldm.Variant, torch_dtype: Any)
 
 
 def _require(f: SingleFile, component: str) -> None:
-    present = {"unet": "unet" in f.parts, "vae": "vae" in f.parts,
-               "text_encoder": "clip" in f.parts or "openclip" in f.parts}[component]
+    present = {
+        "unet": "unet" in f.parts,
+        "vae": "vae" in f.parts,
+        "text_encoder": "clip" in f.parts or "openclip" in f.parts,
+    }[component]
     if not present:
         where = {"unet": ldm.UNET, "vae": ldm.VAE, "text_encoder": "cond_stage_model."}[component]
         raise CheckpointError(f"{f.path} holds no {component} ({where}* keys); found {sorted(f.parts)}")
 
 
-def load_model(cls: type, path: str | os.PathLike, torch_dtype: Any = None, use_ema: bool | None = None,
-               prediction_type: str | None = None):
+def load_model(
+    cls: type,
+    path: str | os.PathLike,
+    torch_dtype: Any = None,
+    use_ema: bool | None = None,
+    prediction_type: str | None = None,
+):
     """One model (UNet2DConditionModel, AutoencoderKL or CLIPTextModel) out of an LDM file."""
     component = COMPONENT.get(cls.__name__)
     if component is None:
@@ -172,8 +187,15 @@ def _tokenizer(tokenizer: Any, variant: ldm.Variant):
     return tokenizer
 
 
-def load_pipeline(cls: type, path: str | os.PathLike, prediction_type: str | None = None, tokenizer: Any = None,
-                  torch_dtype: Any = None, use_ema: bool | None = None, **components: Any):
+def load_pipeline(
+    cls: type,
+    path: str | os.PathLike,
+    prediction_type: str | None = None,
+    tokenizer: Any = None,
+    torch_dtype: Any = None,
+    use_ema: bool | None = None,
+    **components: Any,
+):
     """A Stable Diffusion pipeline from an LDM file; `unet=`, `scheduler=`, ... replace a component."""
     from .schedulers import SCHEDULERS
 
@@ -220,11 +242,16 @@ def _check_reads_back(parts: dict[str, dict[str, torch.Tensor]], **models: Any) 
         fmt, raw, _ = _inferred(parts, name, "the written file")
         config = fmt.config_from_dict(raw)
         from_variant = _from_variant(name, ldm.VARIANTS["sd1"])  # filled on reading, never compared
-        diff = [f"{k}={model.config[k]!r} (would read back as {config[k]!r})" for k in model.config.keys()
-                if k not in from_variant and model.config[k] != config[k]]
+        diff = [
+            f"{k}={model.config[k]!r} (would read back as {config[k]!r})"
+            for k in model.config.keys()
+            if k not in from_variant and model.config[k] != config[k]
+        ]
         if diff:
-            raise ConversionError(f"the {name} cannot be written as an LDM single file, which has no config: "
-                                  f"its weights do not determine {', '.join(diff[:4])}")
+            raise ConversionError(
+                f"the {name} cannot be written as an LDM single file, which has no config: "
+                f"its weights do not determine {', '.join(diff[:4])}"
+            )
 
 
 def save_single_file(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, half: bool = False) -> Path:
@@ -254,5 +281,7 @@ def load_folder_models(folder: str | os.PathLike, torch_dtype: Any = "auto") -> 
     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
         config = cls._format().config_from_dict(load_config(folder, name, cls.config_name, local_files_only=True))
         sd = read_state_dict(find_weight_files(folder, name, cls.weights_names, local_files_only=True))
-        models[name] = cls.from_foreign_state_dict(config, sd, _dtype(torch_dtype, sd), what=f"{cls.__name__} weights in {folder}/{name}")
+        models[name] = cls.from_foreign_state_dict(
+            config, sd, _dtype(torch_dtype, sd), what=f"{cls.__name__} weights in {folder}/{name}"
+        )
     return models

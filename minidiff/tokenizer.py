@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import operator
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -205,7 +206,9 @@ class CLIPTokenizer:
             fast_path = get("tokenizer.json", False)
             if fast_path is None:
                 where = f"{path_or_hub_id}" + (f"/{subfolder}" if subfolder else "")
-                raise FileNotFoundError(f"no tokenizer in {where}: it needs vocab.json + merges.txt (or tokenizer.json)")
+                raise FileNotFoundError(
+                    f"no tokenizer in {where}: it needs vocab.json + merges.txt (or tokenizer.json)"
+                )
             vocab, merges = _read_tokenizer_json(fast_path)
         config_path, special_path = get("tokenizer_config.json", False), get("special_tokens_map.json", False)
         config = load_json(config_path) if config_path else {}
@@ -349,7 +352,9 @@ class CLIPTokenizer:
     ) -> list[int] | torch.Tensor:
         """The ids of ONE prompt."""
         if not isinstance(text, str):
-            raise TypeError(f"encode takes one prompt string, got a {type(text).__name__}; call the tokenizer on batches")
+            raise TypeError(
+                f"encode takes one prompt string, got a {type(text).__name__}; call the tokenizer on batches"
+            )
         encoded = self(
             text, padding=padding, max_length=max_length, truncation=truncation,
             return_tensors=return_tensors, add_special_tokens=add_special_tokens,

@@ -90,20 +90,37 @@ def toy_tokenizer() -> CLIPTokenizer:
 
 def build_models(tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
     vae = AutoencoderKL(
-        block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        sample_size=shapes.SIZE, scaling_factor=1.0,  # set from the latents after stage "vae"
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=shapes.SIZE,
+        scaling_factor=1.0,  # set from the latents after stage "vae"
     )
     text_encoder = CLIPTextModel(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=64,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     unet = UNet2DConditionModel(
-        sample_size=shapes.SIZE // 4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        sample_size=shapes.SIZE // 4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
         # attention only at 8x8 and below: at 16x16 it costs more than the rest of a training step
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=2,
     )
     return vae, text_encoder, unet
 
@@ -149,10 +166,15 @@ class Trainer:
     # checkpoints: everything needed to continue exactly where we stopped
     def save_checkpoint(self) -> None:
         state = {
-            "stage": self.stage, "step": self.step, "scaling_factor": self.scaling_factor,
-            "config": dataclasses.asdict(self.cfg), "vae": self.vae.state_dict(),
-            "denoiser": self.denoiser.state_dict(), "ema": self.ema.state_dict(),
-            "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
+            "stage": self.stage,
+            "step": self.step,
+            "scaling_factor": self.scaling_factor,
+            "config": dataclasses.asdict(self.cfg),
+            "vae": self.vae.state_dict(),
+            "denoiser": self.denoiser.state_dict(),
+            "ema": self.ema.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "unet_opt": self.unet_opt.state_dict(),
         }
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save(state, tmp)
@@ -161,7 +183,9 @@ class Trainer:
     def load_checkpoint(self) -> None:
         state = torch.load(self.out / "checkpoint.pt", weights_only=True)
         if state["config"] != dataclasses.asdict(self.cfg):
-            raise ValueError(f"{self.out}/checkpoint.pt was trained with {state['config']}, not {dataclasses.asdict(self.cfg)}")
+            raise ValueError(
+                f"{self.out}/checkpoint.pt was trained with {state['config']}, not {dataclasses.asdict(self.cfg)}"
+            )
         self.vae.load_state_dict(state["vae"])
         self.denoiser.load_state_dict(state["denoiser"])
         self.ema.load_state_dict(state["ema"])
@@ -239,14 +263,26 @@ class Trainer:
                 latents = self.vae.encode(images).latent_dist.sample(gen) * self.scaling_factor
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=gen)
-            ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
+            ids = self.tokenizer(
+                captions,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             context = self.text_encoder(ids)[0]
             pred = self.unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
             return F.mse_loss(pred, noise)
 
-        self._loop(self.cfg.unet_steps, "unet", unet_step, self.unet_opt, self.cfg.unet_lr, self.cfg.warmup,
-                   after_step=self.update_ema)
+        self._loop(
+            self.cfg.unet_steps,
+            "unet",
+            unet_step,
+            self.unet_opt,
+            self.cfg.unet_lr,
+            self.cfg.warmup,
+            after_step=self.update_ema,
+        )
         self.denoiser.eval()
 
     @torch.no_grad()
@@ -263,8 +299,9 @@ class Trainer:
         text_encoder.load_state_dict(self.ema["text_encoder"].state_dict())
         unet.load_state_dict(self.ema["unet"].state_dict())
         scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler().config, steps_offset=1)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=self.tokenizer,
-                                       unet=unet.eval(), scheduler=scheduler)
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder.eval(), tokenizer=self.tokenizer, unet=unet.eval(), scheduler=scheduler
+        )
         pipe.save_pretrained(folder)
         return folder
 
@@ -278,8 +315,12 @@ def evaluate(folder: str | Path, seed: int = 0, **pipe_kwargs) -> float:
     right = 0
     for i in range(0, len(scenes), 10):
         batch = scenes[i : i + 10]
-        images = pipe([s.caption for s in batch], generator=torch.Generator().manual_seed(seed + i),
-                      output_type="pt", **pipe_kwargs).images
+        images = pipe(
+            [s.caption for s in batch],
+            generator=torch.Generator().manual_seed(seed + i),
+            output_type="pt",
+            **pipe_kwargs,
+        ).images
         judged = [shapes.judge((im * 255).round().to(torch.uint8)) for im in images]
         right += sum(j == s for j, s in zip(judged, batch))
     return right / len(scenes)
@@ -292,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", metavar="FOLDER", help="only grade a trained pipeline folder on all 90 scenes")
     parser.add_argument("--stop-after", type=int, default=None, help="save a checkpoint and stop after N steps")
     for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default),
-                            default=f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
     if args.evaluate:
         print(f"{args.evaluate}: {evaluate(args.evaluate):.1%} of the 90 scenes right")

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigBase, check_levels, check_supported
-from .layers import AttentionBlock2D, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, as_timestep_batch, timestep_embedding
+from .layers import (
+    AttentionBlock2D,
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    as_timestep_batch,
+    timestep_embedding,
+)
 from .modeling import BaseOutput, ModelMixin
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
@@ -58,16 +66,19 @@ class UNet2DConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         check_levels("UNet2DModel", self.block_out_channels, self.down_block_types, self.up_block_types)
-        check_supported("UNet2DModel", (
-            ("down_block_types", self.down_block_types, DOWN_BLOCKS),
-            ("up_block_types", self.up_block_types, UP_BLOCKS),
-            ("mid_block_type", (self.mid_block_type,), ("UNetMidBlock2D", None)),
-            ("time_embedding_type", (self.time_embedding_type,), ("positional",)),
-            ("downsample_type", (self.downsample_type,), ("conv",)),
-            ("upsample_type", (self.upsample_type,), ("conv",)),
-            ("act_fn", (self.act_fn,), ("silu", "swish")),
-            ("resnet_time_scale_shift", (self.resnet_time_scale_shift,), ("default",)),
-        ))
+        check_supported(
+            "UNet2DModel",
+            (
+                ("down_block_types", self.down_block_types, DOWN_BLOCKS),
+                ("up_block_types", self.up_block_types, UP_BLOCKS),
+                ("mid_block_type", (self.mid_block_type,), ("UNetMidBlock2D", None)),
+                ("time_embedding_type", (self.time_embedding_type,), ("positional",)),
+                ("downsample_type", (self.downsample_type,), ("conv",)),
+                ("upsample_type", (self.upsample_type,), ("conv",)),
+                ("act_fn", (self.act_fn,), ("silu", "swish")),
+                ("resnet_time_scale_shift", (self.resnet_time_scale_shift,), ("default",)),
+            ),
+        )
 
 
 @dataclass
@@ -99,7 +110,9 @@ class UNetLevel(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock2D(c, out_channels, temb_channels, groups, eps) for c in in_channels)
         self.attentions = (
-            nn.ModuleList(AttentionBlock2D(out_channels, heads, groups, eps) for _ in in_channels) if attention else None
+            nn.ModuleList(AttentionBlock2D(out_channels, heads, groups, eps) for _ in in_channels)
+            if attention
+            else None
         )
         self.downsample = Downsample2D(out_channels, padding=downsample_padding) if downsample else None
         self.upsample = Upsample2D(out_channels) if upsample else None
@@ -127,9 +140,21 @@ class UNetLevel(nn.Module):
 class MidBlock(nn.Module):
     """ResNet -> self-attention -> ResNet at the lowest resolution."""
 
-    def __init__(self, channels: int, temb_channels: int, heads: int, groups: int, attn_groups: int, eps: float, scale: float, attention: bool) -> None:
+    def __init__(
+        self,
+        channels: int,
+        temb_channels: int,
+        heads: int,
+        groups: int,
+        attn_groups: int,
+        eps: float,
+        scale: float,
+        attention: bool,
+    ) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, temb_channels, groups, eps, scale) for _ in range(2))
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, temb_channels, groups, eps, scale) for _ in range(2)
+        )
         self.attention = AttentionBlock2D(channels, heads, attn_groups, eps, scale) if attention else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -163,14 +188,33 @@ class UNet2DModel(ModelMixin):
         for i, (kind, ch) in enumerate(zip(c.down_block_types, chs)):
             ins = [prev] + [ch] * (c.layers_per_block - 1)
             last = i == len(chs) - 1
-            self.down_blocks.append(UNetLevel(ins, ch, temb, kind == "AttnDownBlock2D", heads(ch), c.norm_num_groups,
-                                              c.norm_eps, downsample=not last, downsample_padding=c.downsample_padding))
+            self.down_blocks.append(
+                UNetLevel(
+                    ins,
+                    ch,
+                    temb,
+                    kind == "AttnDownBlock2D",
+                    heads(ch),
+                    c.norm_num_groups,
+                    c.norm_eps,
+                    downsample=not last,
+                    downsample_padding=c.downsample_padding,
+                )
+            )
             prev = ch
 
         self.mid_block = None
         if c.mid_block_type is not None:
-            self.mid_block = MidBlock(chs[-1], temb, heads(chs[-1]), c.norm_num_groups, c.attn_norm_num_groups or c.norm_num_groups,
-                                      c.norm_eps, c.mid_block_scale_factor, c.add_attention)
+            self.mid_block = MidBlock(
+                chs[-1],
+                temb,
+                heads(chs[-1]),
+                c.norm_num_groups,
+                c.attn_norm_num_groups or c.norm_num_groups,
+                c.norm_eps,
+                c.mid_block_scale_factor,
+                c.add_attention,
+            )
 
         # decoder: each level has one more ResNet than the encoder; the skips it consumes come from
         # the encoder level's outputs in reverse, the last one from the level below (or conv_in)
@@ -182,8 +226,11 @@ class UNet2DModel(ModelMixin):
             n = c.layers_per_block + 1
             ins = [(prev if j == 0 else ch) + (skip_last if j == n - 1 else ch) for j in range(n)]
             last = i == len(chs) - 1
-            self.up_blocks.append(UNetLevel(ins, ch, temb, kind == "AttnUpBlock2D", heads(ch), c.norm_num_groups,
-                                            c.norm_eps, upsample=not last))
+            self.up_blocks.append(
+                UNetLevel(
+                    ins, ch, temb, kind == "AttnUpBlock2D", heads(ch), c.norm_num_groups, c.norm_eps, upsample=not last
+                )
+            )
             prev = ch
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)

@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigBase, check_levels, check_supported
-from .layers import Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, as_timestep_batch, timestep_embedding
+from .layers import (
+    Attention,
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    as_timestep_batch,
+    timestep_embedding,
+)
 from .modeling import BaseOutput, ModelMixin
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -77,7 +85,12 @@ class UNet2DConditionConfig(ConfigBase):
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
     only_cross_attention: bool | tuple[bool, ...] = False
@@ -124,18 +137,29 @@ class UNet2DConditionConfig(ConfigBase):
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
         check_levels("UNet2DConditionModel", self.block_out_channels, self.down_block_types, self.up_block_types)
-        check_supported("UNet2DConditionModel", (
-            ("down_block_types", self.down_block_types, DOWN_BLOCKS),
-            ("up_block_types", self.up_block_types, UP_BLOCKS),
-            ("mid_block_type", (self.mid_block_type,), MID_BLOCKS),
-            ("act_fn", (self.act_fn,), ("silu", "swish")),
-            *((key, (getattr(self, key),), allowed) for key, allowed in UNSUPPORTED.items()),
-            ("only_cross_attention", _per_level(self.only_cross_attention, n, "only_cross_attention"), (False,)),
-        ))
-        for key in ("layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim", "transformer_layers_per_block"):
+        check_supported(
+            "UNet2DConditionModel",
+            (
+                ("down_block_types", self.down_block_types, DOWN_BLOCKS),
+                ("up_block_types", self.up_block_types, UP_BLOCKS),
+                ("mid_block_type", (self.mid_block_type,), MID_BLOCKS),
+                ("act_fn", (self.act_fn,), ("silu", "swish")),
+                *((key, (getattr(self, key),), allowed) for key, allowed in UNSUPPORTED.items()),
+                ("only_cross_attention", _per_level(self.only_cross_attention, n, "only_cross_attention"), (False,)),
+            ),
+        )
+        for key in (
+            "layers_per_block",
+            "attention_head_dim",
+            "num_attention_heads",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+        ):
             for v in _per_level(getattr(self, key), n, key):
                 if not (isinstance(v, int) or (v is None and key == "num_attention_heads")):
-                    raise ValueError(f"UNet2DConditionModel: {key} must be an int or one int per level, got {getattr(self, key)!r}")
+                    raise ValueError(
+                        f"UNet2DConditionModel: {key} must be an int or one int per level, got {getattr(self, key)!r}"
+                    )
 
     def level(self, key: str) -> tuple:
         """A per-level setting, expanded to one value per down level."""
@@ -184,7 +208,14 @@ class SpatialTransformer(nn.Module):
     """Transformer blocks over the H*W positions of a feature map, with a residual around them all."""
 
     def __init__(
-        self, channels: int, heads: int, context_dim: int, depth: int, groups: int, linear_projection: bool, upcast: bool
+        self,
+        channels: int,
+        heads: int,
+        context_dim: int,
+        depth: int,
+        groups: int,
+        linear_projection: bool,
+        upcast: bool,
     ) -> None:
         super().__init__()
         inner = heads * (channels // heads)
@@ -192,7 +223,9 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         # SD1 projects with 1x1 convs, SD2 with Linear layers: the same map, stored differently
         self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
-        self.transformer_blocks = nn.ModuleList(TransformerBlock(inner, heads, context_dim, upcast) for _ in range(depth))
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, context_dim, upcast) for _ in range(depth)
+        )
         self.proj_out = nn.Linear(inner, channels) if linear_projection else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -228,23 +261,33 @@ class LevelSpec:
     upcast: bool
 
     def transformer(self, channels: int) -> SpatialTransformer:
-        return SpatialTransformer(channels, self.heads, self.context_dim, self.depth, self.groups, self.linear_projection, self.upcast)
+        return SpatialTransformer(
+            channels, self.heads, self.context_dim, self.depth, self.groups, self.linear_projection, self.upcast
+        )
 
 
 class DownBlock(nn.Module):
     """Encoder level: ResNet blocks (each followed by a spatial transformer if cross_attention),
     then an optional stride-2 downsample. Every intermediate state is kept as a skip connection."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, spec: LevelSpec, downsample: bool, padding: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, num_layers: int, spec: LevelSpec, downsample: bool, padding: int
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, spec.temb_channels, spec.groups, spec.eps)
+            ResnetBlock2D(
+                in_channels if i == 0 else out_channels, out_channels, spec.temb_channels, spec.groups, spec.eps
+            )
             for i in range(num_layers)
         )
-        self.attentions = nn.ModuleList(spec.transformer(out_channels) for _ in range(num_layers)) if spec.cross_attention else None
+        self.attentions = (
+            nn.ModuleList(spec.transformer(out_channels) for _ in range(num_layers)) if spec.cross_attention else None
+        )
         self.downsample = Downsample2D(out_channels, padding=padding) if downsample else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -264,11 +307,17 @@ class UpBlock(nn.Module):
 
     def __init__(self, in_channels: list[int], out_channels: int, spec: LevelSpec, upsample: bool) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(c, out_channels, spec.temb_channels, spec.groups, spec.eps) for c in in_channels)
-        self.attentions = nn.ModuleList(spec.transformer(out_channels) for _ in in_channels) if spec.cross_attention else None
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(c, out_channels, spec.temb_channels, spec.groups, spec.eps) for c in in_channels
+        )
+        self.attentions = (
+            nn.ModuleList(spec.transformer(out_channels) for _ in in_channels) if spec.cross_attention else None
+        )
         self.upsample = Upsample2D(out_channels) if upsample else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
+    ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions is not None:
@@ -305,11 +354,22 @@ class UNet2DConditionModel(ModelMixin):
         c: UNet2DConditionConfig = self.config
         chs = list(c.block_out_channels)
         temb = c.time_embedding_dim or chs[0] * 4
-        heads, context_dims, layers, depths = (c.level(k) for k in ("heads", "cross_attention_dim", "layers_per_block", "transformer_layers_per_block"))
+        heads, context_dims, layers, depths = (
+            c.level(k) for k in ("heads", "cross_attention_dim", "layers_per_block", "transformer_layers_per_block")
+        )
 
         def spec(i: int, cross_attention: bool) -> LevelSpec:
-            return LevelSpec(temb, c.norm_num_groups, c.norm_eps, cross_attention, heads[i], context_dims[i], depths[i],
-                             c.use_linear_projection, c.upcast_attention)
+            return LevelSpec(
+                temb,
+                c.norm_num_groups,
+                c.norm_eps,
+                cross_attention,
+                heads[i],
+                context_dims[i],
+                depths[i],
+                c.use_linear_projection,
+                c.upcast_attention,
+            )
 
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
@@ -317,10 +377,20 @@ class UNet2DConditionModel(ModelMixin):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(c.down_block_types):
             last = i == len(chs) - 1
-            self.down_blocks.append(DownBlock(chs[max(i - 1, 0)], chs[i], layers[i], spec(i, kind == "CrossAttnDownBlock2D"),
-                                              downsample=not last, padding=c.downsample_padding))
+            self.down_blocks.append(
+                DownBlock(
+                    chs[max(i - 1, 0)],
+                    chs[i],
+                    layers[i],
+                    spec(i, kind == "CrossAttnDownBlock2D"),
+                    downsample=not last,
+                    padding=c.downsample_padding,
+                )
+            )
 
-        self.mid_block = MidBlock(chs[-1], spec(-1, True), c.mid_block_scale_factor) if c.mid_block_type is not None else None
+        self.mid_block = (
+            MidBlock(chs[-1], spec(-1, True), c.mid_block_scale_factor) if c.mid_block_type is not None else None
+        )
 
         # decoder level i mirrors encoder level L-1-i with one more ResNet; its ResNets see
         # [features from below | skip]: the last skip comes from the encoder level below (or conv_in)
@@ -349,7 +419,9 @@ class UNet2DConditionModel(ModelMixin):
             sample = 2 * sample - 1.0
         t = as_timestep_batch(timestep, sample.shape[0], sample.device)
         # the sinusoidal features are computed in fp32, then cast to the model's dtype
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype))
+        emb = self.time_embedding(
+            timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype)
+        )
 
         x = self.conv_in(sample)
         skips = [x]

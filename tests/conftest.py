@@ -77,21 +77,45 @@ def tiny_sd_components(kind: str, seed: int = 0, inpaint: bool = False) -> dict:
     sd2 = kind == "sd2"
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=9 if inpaint else 4, out_channels=4, block_out_channels=(32, 64),
-        layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2, upcast_attention=sd2,
+        sample_size=16,
+        in_channels=9 if inpaint else 4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
     )
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
     )
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32,
-        bos_token_id=49406 if sd2 else 0, eos_token_id=49407 if sd2 else 2, pad_token_id=1,
-    ))
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            projection_dim=32,
+            bos_token_id=49406 if sd2 else 0,
+            eos_token_id=49407 if sd2 else 2,
+            pad_token_id=1,
+        )
+    )
     for i, model in enumerate((unet, vae, text_encoder)):
         perturb(model.eval(), seed + i, scale=0.02)
     name = "sd-v2-1" if sd2 else "sd-v1-5"
@@ -110,7 +134,12 @@ def save_tiny_sd(folder: Path, kind: str, inpaint: bool = False, seed: int = 0) 
     tok_dir = write_hf_tokenizer_files(CLIP_BPE, folder / "_tok", pad_token="!" if kind == "sd2" else "<|endoftext|>")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
     cls = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionPipeline
-    pipe = cls(**tiny_sd_components(kind, seed, inpaint), tokenizer=tokenizer, safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
+    pipe = cls(
+        **tiny_sd_components(kind, seed, inpaint),
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     return folder

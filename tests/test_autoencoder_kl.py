@@ -9,10 +9,10 @@ import inspect
 import diffusers
 import pytest
 import torch
+from conftest import perturb, reference_config, rel_err
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as ReferenceGaussian
 from safetensors.torch import load_file, save_file
 
-from conftest import perturb, reference_config, rel_err
 from minidiff.autoencoder_kl import AutoencoderKL, DiagonalGaussianDistribution
 from minidiff.compare import assert_same_outputs, compare_layers
 from weights_conversion import ConversionError
@@ -79,12 +79,23 @@ def test_tiny_forward_reconstructs(tiny):
     x = torch.randn(1, 3, 16, 16)
     assert_same_outputs(ours, ref, lambda m: m(x).sample)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert rel_err(ours(x, sample_posterior=True, generator=g()).sample, ref(x, sample_posterior=True, generator=g()).sample) < 1e-4
+    assert (
+        rel_err(
+            ours(x, sample_posterior=True, generator=g()).sample, ref(x, sample_posterior=True, generator=g()).sample
+        )
+        < 1e-4
+    )
 
 
 def test_without_quant_convs(tmp_path_factory):
-    config = dict(TINY, block_out_channels=(16, 32), down_block_types=TINY["down_block_types"][:2],
-                  up_block_types=TINY["up_block_types"][:2], use_quant_conv=False, use_post_quant_conv=False)
+    config = dict(
+        TINY,
+        block_out_channels=(16, 32),
+        down_block_types=TINY["down_block_types"][:2],
+        up_block_types=TINY["up_block_types"][:2],
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
     ref, ours, _ = build(config, tmp_path_factory, "vae-noquant", seed=5)
     assert ours.quant_conv is None and ours.post_quant_conv is None
     check_encode(ours, ref, torch.randn(1, 3, 16, 16))
@@ -121,11 +132,16 @@ def test_missing_or_extra_key_is_named(tiny, tmp_path):
     save_file(missing, tmp_path / WEIGHTS)
     with pytest.raises(ConversionError, match=r"missing 1 key\(s\): decoder\.mid_block\.attention\.to_v\.bias"):
         AutoencoderKL.from_pretrained(tmp_path)
-    save_file({**sd, "encoder.mid_block.attentions.0.value.bias": sd["encoder.mid_block.attentions.0.to_v.bias"].clone()}, tmp_path / WEIGHTS)
+    save_file(
+        {**sd, "encoder.mid_block.attentions.0.value.bias": sd["encoder.mid_block.attentions.0.to_v.bias"].clone()},
+        tmp_path / WEIGHTS,
+    )
     with pytest.raises(ConversionError, match=r"both map to 'encoder\.mid_block\.attention\.to_v\.bias'"):
         AutoencoderKL.from_pretrained(tmp_path)
     save_file({**sd, "decoder.up_blocks.0.upsamplers.1.conv.weight": torch.zeros(1)}, tmp_path / WEIGHTS)
-    with pytest.raises(ConversionError, match=r"no rule for 1 key\(s\): decoder\.up_blocks\.0\.upsamplers\.1\.conv\.weight"):
+    with pytest.raises(
+        ConversionError, match=r"no rule for 1 key\(s\): decoder\.up_blocks\.0\.upsamplers\.1\.conv\.weight"
+    ):
         AutoencoderKL.from_pretrained(tmp_path)
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLIP_BPE, perturb, reference_config
 
 from minidiff import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-
-from conftest import CLIP_BPE, perturb, reference_config
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE = 128  # image side: 16x16 latents, so the UNet's lowest level is 2x2
@@ -39,20 +38,50 @@ def sd_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sd15-narrow")
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 8, block_out_channels=(64, 128, 256, 256), layers_per_block=2, norm_num_groups=32,
-        cross_attention_dim=256, attention_head_dim=8)  # SD 1.5's block types and 8 heads
+        sample_size=SIZE // 8,
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        norm_num_groups=32,
+        cross_attention_dim=256,
+        attention_head_dim=8,
+    )  # SD 1.5's block types and 8 heads
     vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32, latent_channels=4, sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=256, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=256, bos_token_id=0, eos_token_id=2))
+        block_out_channels=(32, 64, 128, 128),
+        layers_per_block=2,
+        norm_num_groups=32,
+        latent_channels=4,
+        sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=12,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=256,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
+    )
     for i, model in enumerate((unet, vae, text_encoder)):
         perturb(model.eval(), i, scale=0.02)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(CLIP_BPE, folder / "_tok"))
     scheduler = diffusers.PNDMScheduler.from_config(reference_config("sd-v1-5.scheduler"))
-    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    diffusers.StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -88,7 +117,9 @@ def test_bf16_txt2img_matches_fp32_reference(sd_folder: Path) -> None:
 
     latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
     kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=5, output_type="pt")
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None, requires_safety_checker=False)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(
+        sd_folder, safety_checker=None, requires_safety_checker=False
+    )
     ref.set_progress_bar_config(disable=True)
     want = ref(PROMPT, latents=latents, **kwargs).images * 2 - 1
     pipe = StableDiffusionPipeline.from_pretrained(sd_folder, torch_dtype=torch.bfloat16)

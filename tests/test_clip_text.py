@@ -11,20 +11,27 @@ import warnings
 
 import pytest
 import torch
+from conftest import perturb, reference_config, rel_err
 from safetensors.torch import load_file, save_file
 
 from minidiff.clip_text import CLIPTextConfig, CLIPTextModel
 from weights_conversion import ConversionError
 from weights_conversion.clip_text import FORMAT
 
-from conftest import perturb, reference_config, rel_err
-
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 TINY = dict(
-    vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=97, eos_token_id=60, pad_token_id=1,
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    hidden_act="quick_gelu",
+    bos_token_id=97,
+    eos_token_id=60,
+    pad_token_id=1,
     projection_dim=16,
 )
 
@@ -199,7 +206,9 @@ def test_checkpoint_with_or_without_prefix_and_position_ids_loads_identically(ti
 def test_full_clip_model_folder_loads_text_tower(tmp_path):
     # e.g. openai/clip-vit-large-patch14: nested text_config, vision weights to skip
     tcfg = dict(TINY)
-    vcfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4)
+    vcfg = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = transformers.CLIPModel(transformers.CLIPConfig(text_config=tcfg, vision_config=vcfg, projection_dim=16))
@@ -267,7 +276,10 @@ def real(request, tmp_path_factory):
 def test_real_config_parity(real):
     name, raw, ref, ours, ids = real
     assert (ours.config.hidden_act, ours.config.num_hidden_layers, ours.config.hidden_size) == (
-        raw["hidden_act"], raw["num_hidden_layers"], raw["hidden_size"])
+        raw["hidden_act"],
+        raw["num_hidden_layers"],
+        raw["hidden_size"],
+    )
     assert ours.config.eos_token_id == 2  # the original SD configs: argmax pooling
     a, b = run_both(ref, ours, ids)
     assert_parity(a, b, name)
@@ -328,8 +340,13 @@ def test_config_translation():
     assert FORMAT.config_from_dict({}).eos_token_id == 49407
     assert FORMAT.config_from_dict({}).hidden_size == 512
     assert FORMAT.config_from_dict(reference_config("sd-v2-1.text_encoder")) == CLIPTextConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-        hidden_act="gelu", projection_dim=512)
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        hidden_act="gelu",
+        projection_dim=512,
+    )
     # the old CLIPConfig spelling: `text_config_dict` wins over `text_config`
     nested = {"model_type": "clip", "text_config": {"hidden_size": 64}, "text_config_dict": {"hidden_size": 768}}
     assert FORMAT.config_from_dict(nested).hidden_size == 768
@@ -343,7 +360,9 @@ def test_strict_conversion_names_the_bad_key(tiny):
     with pytest.raises(ConversionError, match=r"no rule for 1 key\(s\): pooler\.dense\.weight"):
         CLIPTextModel.from_foreign_state_dict(config, {**sd, "pooler.dense.weight": torch.zeros(1)})
     with pytest.raises(ConversionError, match=r"unexpected 1 key\(s\): layers\.0\.self_attn\.extra_proj\.weight"):
-        CLIPTextModel.from_foreign_state_dict(config, {**sd, "encoder.layers.0.self_attn.extra_proj.weight": torch.zeros(1)})
+        CLIPTextModel.from_foreign_state_dict(
+            config, {**sd, "encoder.layers.0.self_attn.extra_proj.weight": torch.zeros(1)}
+        )
     with pytest.raises(ConversionError, match=r"both map to 'final_layer_norm\.weight'"):
         CLIPTextModel.from_foreign_state_dict(config, {**sd, "text_model.final_layer_norm.weight": torch.zeros(32)})
     del sd["encoder.layers.2.mlp.fc2.bias"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
-
 from conftest import perturb
+
 from minidiff.autoencoder_kl import AutoencoderKL
 from minidiff.compare import assert_same_outputs, compare_layers, module_pairs
 from minidiff.unet_2d_condition import UNet2DConditionModel
@@ -16,11 +16,19 @@ BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0."
 
 @pytest.fixture(scope="module")
 def unets(tmp_path_factory):
-    ref = perturb(diffusers.UNet2DConditionModel(
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=8, attention_head_dim=2, sample_size=8,
-    ).eval(), seed=5)
+    ref = perturb(
+        diffusers.UNet2DConditionModel(
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=8,
+            attention_head_dim=2,
+            sample_size=8,
+        ).eval(),
+        seed=5,
+    )
     path = tmp_path_factory.mktemp("compare-unet")
     ref.save_pretrained(path)
     return ref, UNet2DConditionModel.from_pretrained(path)
@@ -75,13 +83,22 @@ def test_first_divergence_names_the_broken_module(unets):
 
 
 def test_vae_pairs_and_modules_called_twice(tmp_path):
-    ref = perturb(diffusers.AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
-                                          down_block_types=("DownEncoderBlock2D",) * 2,
-                                          up_block_types=("UpDecoderBlock2D",) * 2).eval(), seed=6)
+    ref = perturb(
+        diffusers.AutoencoderKL(
+            block_out_channels=(8, 16),
+            norm_num_groups=4,
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+        ).eval(),
+        seed=6,
+    )
     ref.save_pretrained(tmp_path)
     ours = AutoencoderKL.from_pretrained(tmp_path)
     assert module_pairs(ours, ref)["decoder.mid_block.attention"] == "decoder.mid_block.attentions.0"
     z1, z2 = torch.randn(1, 4, 5, 4), torch.randn(1, 4, 5, 4)
-    report = compare_layers(ours, ref, lambda m: m.decode(torch.cat([m.decode(z1).sample[:, :1, ::2, ::2]] * 4, 1) + z2))
+    report = compare_layers(
+        ours, ref, lambda m: m.decode(torch.cat([m.decode(z1).sample[:, :1, ::2, ::2]] * 4, 1) + z2)
+    )
     calls = [d.call for d in report.layers if d.name == "decoder.conv_out"]
     assert calls == [0, 1] and report.first_divergence is None, str(report)

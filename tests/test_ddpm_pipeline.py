@@ -12,9 +12,17 @@ from test_unet_2d import legacy_names
 import minidiff
 
 TINY_UNET = dict(
-    sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6,
+    sample_size=16,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    downsample_padding=0,
+    norm_eps=1e-6,
 )
 
 
@@ -66,7 +74,9 @@ def test_pil_output_and_generator_list(tmp_path):
     save_pipeline(tmp_path, TINY_UNET, legacy=False)
     pipe = minidiff.DDPMPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=2, num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    images = pipe(
+        batch_size=2, num_inference_steps=2, generator=[torch.Generator().manual_seed(i) for i in range(2)]
+    ).images
     assert [im.size for im in images] == [(16, 16), (16, 16)]
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         pipe(batch_size=3, num_inference_steps=2, generator=[torch.Generator(), torch.Generator()])

@@ -68,8 +68,9 @@ def test_default_model_is_the_training_code_s_architecture(pipe):
     vae, text_encoder, unet = train.build_models(train.toy_tokenizer())
     assert pipe.unet.config == unet.config
     assert pipe.text_encoder.config == text_encoder.config
-    assert {k: v for k, v in pipe.vae.config.items() if k != "scaling_factor"} == \
-        {k: v for k, v in vae.config.items() if k != "scaling_factor"}
+    assert {k: v for k, v in pipe.vae.config.items() if k != "scaling_factor"} == {
+        k: v for k, v in vae.config.items() if k != "scaling_factor"
+    }
     assert pipe.tokenizer.get_vocab() == train.toy_tokenizer().get_vocab()
     size = sum(f.stat().st_size for f in Path(minidiff.DEFAULT_MODEL).rglob("*") if f.is_file())
     assert size < 10e6, f"the bundled model is {size / 1e6:.1f} MB"
@@ -97,8 +98,9 @@ def test_generated_images_match_their_prompts(pipe):
 
 def test_diffusers_loads_the_default_model_to_the_same_image(pipe):
     diffusers = pytest.importorskip("diffusers")
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(minidiff.DEFAULT_MODEL, safety_checker=None,
-                                                               local_files_only=True)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(
+        minidiff.DEFAULT_MODEL, safety_checker=None, local_files_only=True
+    )
     prompt = ["a green square on a yellow background", "a white triangle on a blue background"]
     kwargs = dict(num_inference_steps=20, guidance_scale=7.5, output_type="pt")
     ours = pipe(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images
@@ -121,9 +123,11 @@ def test_cli_generate_uses_the_default_model(tmp_path, capsys):
 
 
 def _weights(trainer: train.Trainer) -> dict[str, torch.Tensor]:
-    return {**{f"vae.{k}": v for k, v in trainer.vae.state_dict().items()},
-            **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
-            **{f"model.{k}": v for k, v in trainer.denoiser.state_dict().items()}}
+    return {
+        **{f"vae.{k}": v for k, v in trainer.vae.state_dict().items()},
+        **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
+        **{f"model.{k}": v for k, v in trainer.denoiser.state_dict().items()},
+    }
 
 
 def test_training_resumes_exactly(tmp_path):

@@ -33,8 +33,12 @@ DIFFUSERS = SimpleNamespace(
     **{
         name: getattr(diffusers, name)
         for name in (
-            "UNet2DModel", "UNet2DConditionModel", "AutoencoderKL",
-            "DDPMScheduler", "LMSDiscreteScheduler", "UniPCMultistepScheduler",
+            "UNet2DModel",
+            "UNet2DConditionModel",
+            "AutoencoderKL",
+            "DDPMScheduler",
+            "LMSDiscreteScheduler",
+            "UniPCMultistepScheduler",
         )
     },
     CLIPTextModel=transformers.CLIPTextModel,

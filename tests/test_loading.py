@@ -17,8 +17,12 @@ from minidiff import UNet2DModel
 from minidiff.loading import CheckpointError, read_tensors
 
 TINY = dict(
-    sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
 )
 
 

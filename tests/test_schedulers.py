@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rel_err
 
 from minidiff import schedulers as ms
-
-from conftest import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 warnings.filterwarnings("ignore", module="diffusers")
@@ -139,7 +138,11 @@ BASE = [  # beta schedule × prediction type × spacing (+ steps_offset with lea
 ]
 TRAINED = dict(trained_betas=torch.linspace(0.0001, 0.03, 1000).tolist())
 ZERO_SNR = dict(
-    SD, beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    SD,
+    beta_schedule="scaled_linear",
+    rescale_betas_zero_snr=True,
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
 )
 SD_BETAS = dict(SD, beta_schedule="scaled_linear")
 
@@ -158,7 +161,10 @@ def no_sample(configs: list[dict]) -> list[dict]:
 add("DDPMScheduler", BASE + [TRAINED, ZERO_SNR, dict(clip_sample=False), dict(clip_sample_range=0.5)])
 add(
     "DDPMScheduler",
-    grid(variance_type=["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"], clip_sample=[True, False]),
+    grid(
+        variance_type=["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"],
+        clip_sample=[True, False],
+    ),
     steps=(7,),
 )
 add("DDPMScheduler", [dict(beta_schedule="sigmoid"), dict(timestep_spacing="trailing")], steps=(50,))
@@ -209,7 +215,9 @@ add("EulerAncestralDiscreteScheduler", [SD_BETAS], steps=(1, 30))
 add("HeunDiscreteScheduler", BASE + [TRAINED, dict(beta_schedule="exp")])
 add(
     "HeunDiscreteScheduler",
-    grid(use_karras_sigmas=[False, True], clip_sample=[False, True], timestep_spacing=["linspace", "leading", "trailing"]),
+    grid(
+        use_karras_sigmas=[False, True], clip_sample=[False, True], timestep_spacing=["linspace", "leading", "trailing"]
+    ),
     steps=(6,),
 )
 # DPM-Solver++ (Karras σ's end at σ_min, so final_sigmas_type="sigma_min" makes the last h = 0: diffusers
@@ -224,7 +232,11 @@ DPM_GRID = grid(
 )
 add(
     "DPMSolverMultistepScheduler",
-    [c for c in DPM_GRID if not (c["use_karras_sigmas"] and c["final_sigmas_type"] == "sigma_min" and c["solver_order"] > 1)],
+    [
+        c
+        for c in DPM_GRID
+        if not (c["use_karras_sigmas"] and c["final_sigmas_type"] == "sigma_min" and c["solver_order"] > 1)
+    ],
     steps=(8, 20),  # below and above the 15 steps where lower_order_final kicks in
 )
 add(
@@ -378,9 +390,17 @@ def normalized(config) -> dict:
 
 
 SD_PNDM_JSON = {  # CompVis/stable-diffusion-v1-4's scheduler_config.json
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.7.0.dev0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None, "clip_sample": False,
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.7.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
 }
 SOURCES = {
     "sd-json": lambda lib: SD_PNDM_JSON,
@@ -388,9 +408,9 @@ SOURCES = {
     "unipc-built": lambda lib: lib.UniPCMultistepScheduler(solver_type="bh1", timestep_spacing="trailing").config,
     "ddpm-built": lambda lib: lib.DDPMScheduler(variance_type="fixed_large", clip_sample=False).config,
     # Karras σ's with a sigma range that Heun and DPM-Solver (which have no such keys) still honour
-    "euler-karras-range": lambda lib: lib.EulerDiscreteScheduler(
-        use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0, **SD
-    ).config,
+    "euler-karras-range": lambda lib: (
+        lib.EulerDiscreteScheduler(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0, **SD).config
+    ),
 }
 
 
@@ -458,7 +478,12 @@ def test_step_before_set_timesteps(name):
         sched.step(x, torch.tensor(999.0), x)
 
 
-_BAD_OPTIONS = [("beta_schedule", "cubic"), ("prediction_type", "noise"), ("timestep_spacing", "uniform"), ("thresholding", True)]
+_BAD_OPTIONS = [
+    ("beta_schedule", "cubic"),
+    ("prediction_type", "noise"),
+    ("timestep_spacing", "uniform"),
+    ("thresholding", True),
+]
 
 
 # only the options each class has (e.g. the sigma-based schedulers have no thresholding)
@@ -479,11 +504,18 @@ def test_pndm_with_prk_needs_four_steps():
 
 @pytest.mark.parametrize(
     "name,key,value",
-    [("DDPMScheduler", "variance_type", "fixed_medium"), ("DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver"),
-     ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver"), ("DPMSolverMultistepScheduler", "solver_type", "rk4"),
-     ("DPMSolverMultistepScheduler", "solver_order", 4), ("UniPCMultistepScheduler", "solver_type", "bh3"),
-     ("EulerDiscreteScheduler", "interpolation_type", "cubic"), ("EulerDiscreteScheduler", "use_beta_sigmas", True),
-     ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"), ("PNDMScheduler", "prediction_type", "sample")],
+    [
+        ("DDPMScheduler", "variance_type", "fixed_medium"),
+        ("DPMSolverMultistepScheduler", "algorithm_type", "dpmsolver"),
+        ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver"),
+        ("DPMSolverMultistepScheduler", "solver_type", "rk4"),
+        ("DPMSolverMultistepScheduler", "solver_order", 4),
+        ("UniPCMultistepScheduler", "solver_type", "bh3"),
+        ("EulerDiscreteScheduler", "interpolation_type", "cubic"),
+        ("EulerDiscreteScheduler", "use_beta_sigmas", True),
+        ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
+        ("PNDMScheduler", "prediction_type", "sample"),
+    ],
 )
 def test_bad_class_options(name, key, value):
     with pytest.raises(ValueError, match=key):
@@ -518,8 +550,10 @@ def test_lms_coefficients_equal_scipy_quad(order):
     for i in range(order - 1, len(sigmas) - 1):
         for j in range(order):
 
-            def basis(tau):
-                return math.prod((tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k]) for k in range(order) if k != j)
+            def basis(tau, i=i, j=j):
+                return math.prod(
+                    (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k]) for k in range(order) if k != j
+                )
 
             exact = integrate.quad(basis, sigmas[i], sigmas[i + 1], epsabs=0, epsrel=1e-13)[0]
             assert lms_coefficient(sigmas, order, i, j) == pytest.approx(exact, rel=1e-12, abs=1e-12)
@@ -531,7 +565,11 @@ def test_output_is_indexable_and_tuple_form_matches():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     out = sched.step(model(x, 800), sched.timesteps[0], x)
     tup = sched.step(model(x, 800), sched.timesteps[0], x, return_dict=False)
-    assert out[0] is out.prev_sample and torch.equal(tup[0], out.prev_sample) and torch.equal(tup[1], out.pred_original_sample)
+    assert (
+        out[0] is out.prev_sample
+        and torch.equal(tup[0], out.prev_sample)
+        and torch.equal(tup[1], out.pred_original_sample)
+    )
 
 
 def test_add_noise_matches_diffusers_for_a_batch_of_timesteps():

@@ -20,8 +20,17 @@ from PIL import Image
 import minidiff
 
 TOL = 3e-4
-SCHEDULERS = [None, "DDIMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-              "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler", "DDPMScheduler"]
+SCHEDULERS = [
+    None,
+    "DDIMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "DDPMScheduler",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,9 @@ _loaded: dict = {}
 def pipes(folder, cls_name: str, scheduler: str | None = None):
     key = (str(folder), cls_name)
     if key not in _loaded:
-        theirs = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        theirs = getattr(diffusers, cls_name).from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False
+        )
         ours = getattr(minidiff, cls_name).from_pretrained(folder)
         _loaded[key] = (theirs, ours, theirs.scheduler, ours.scheduler)
     theirs, ours, their_sched, our_sched = _loaded[key]
@@ -59,7 +70,9 @@ def seeded(seed: int = 0, n: int | None = None):
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def compare(folder, cls_name: str, scheduler: str | None = None, seed: int = 0, n_generators: int | None = None, **call):
+def compare(
+    folder, cls_name: str, scheduler: str | None = None, seed: int = 0, n_generators: int | None = None, **call
+):
     theirs, ours = pipes(folder, cls_name, scheduler)
     call.setdefault("num_inference_steps", 4)
     call.setdefault("output_type", "np")
@@ -97,7 +110,9 @@ def test_txt2img_options(folders, kind):
 def test_prompt_embeds(folders):
     theirs, ours = pipes(folders["sd1"], "StableDiffusionPipeline")
     embeds, negative = ours.encode_prompt(["a cat", "a dog"], torch.device("cpu"), 1, True, ["blurry", "dark"])
-    ref_embeds, ref_negative = theirs.encode_prompt(["a cat", "a dog"], torch.device("cpu"), 1, True, ["blurry", "dark"])
+    ref_embeds, ref_negative = theirs.encode_prompt(
+        ["a cat", "a dog"], torch.device("cpu"), 1, True, ["blurry", "dark"]
+    )
     assert torch.allclose(embeds, ref_embeds, atol=1e-5) and torch.allclose(negative, ref_negative, atol=1e-5)
     compare(folders["sd1"], "StableDiffusionPipeline", prompt_embeds=ref_embeds, negative_prompt_embeds=ref_negative)
     compare(folders["sd1"], "StableDiffusionPipeline", prompt_embeds=ref_embeds[:1], num_images_per_prompt=2)
@@ -109,17 +124,27 @@ def test_clip_skip(folders, kind):
     so the reference embeddings are built the way diffusers documents it: the state `clip_skip` layers
     before the last, through the final layer norm; the unconditional side never skips."""
     theirs, ours = pipes(folders[kind], "StableDiffusionPipeline")
-    ids = theirs.tokenizer(["a red car"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = theirs.tokenizer(
+        ["a red car"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         hidden = theirs.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         skipped = theirs.text_encoder.final_layer_norm(hidden)
     _, negative = theirs.encode_prompt("a red car", torch.device("cpu"), 1, True, "ugly")
-    a = theirs(prompt_embeds=skipped, negative_prompt_embeds=negative, num_inference_steps=3, output_type="np",
-               generator=seeded()).images
-    b = ours("a red car", negative_prompt="ugly", clip_skip=1, num_inference_steps=3, output_type="np",
-             generator=seeded()).images
+    a = theirs(
+        prompt_embeds=skipped,
+        negative_prompt_embeds=negative,
+        num_inference_steps=3,
+        output_type="np",
+        generator=seeded(),
+    ).images
+    b = ours(
+        "a red car", negative_prompt="ugly", clip_skip=1, num_inference_steps=3, output_type="np", generator=seeded()
+    ).images
     assert np.abs(a - b).max() <= TOL
-    plain = ours("a red car", negative_prompt="ugly", num_inference_steps=3, output_type="np", generator=seeded()).images
+    plain = ours(
+        "a red car", negative_prompt="ugly", num_inference_steps=3, output_type="np", generator=seeded()
+    ).images
     assert np.abs(plain - b).max() > 1e-3  # clip_skip really changes the conditioning
 
 
@@ -140,11 +165,20 @@ def mask_image(h: int = 32, w: int = 32) -> Image.Image:
     return Image.fromarray(mask)
 
 
-@pytest.mark.parametrize("scheduler", [None, "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize(
+    "scheduler", [None, "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+)
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_img2img(folders, kind, scheduler):
-    compare(folders[kind], "StableDiffusionImg2ImgPipeline", scheduler, prompt="a painting", image=init_image(),
-            strength=0.6, num_inference_steps=6)
+    compare(
+        folders[kind],
+        "StableDiffusionImg2ImgPipeline",
+        scheduler,
+        prompt="a painting",
+        image=init_image(),
+        strength=0.6,
+        num_inference_steps=6,
+    )
 
 
 def test_img2img_batches_and_inputs(folders):
@@ -156,18 +190,42 @@ def test_img2img_batches_and_inputs(folders):
     run(prompt="a tensor image", image=tensor, strength=1.0, guidance_scale=1.0)
 
 
-@pytest.mark.parametrize("kind,scheduler", [("inpaint9", None), ("inpaint9", "DDIMScheduler"), ("sd1", None),
-                                            ("sd2", "EulerDiscreteScheduler")])
+@pytest.mark.parametrize(
+    "kind,scheduler",
+    [("inpaint9", None), ("inpaint9", "DDIMScheduler"), ("sd1", None), ("sd2", "EulerDiscreteScheduler")],
+)
 def test_inpaint(folders, kind, scheduler):
-    compare(folders[kind], "StableDiffusionInpaintPipeline", scheduler, prompt="a hat", image=init_image(),
-            mask_image=mask_image())
+    compare(
+        folders[kind],
+        "StableDiffusionInpaintPipeline",
+        scheduler,
+        prompt="a hat",
+        image=init_image(),
+        mask_image=mask_image(),
+    )
 
 
 def test_inpaint_options(folders):
-    compare(folders["inpaint9"], "StableDiffusionInpaintPipeline", prompt=["a", "b"], image=init_image(48, 32),
-            mask_image=mask_image(48, 32), height=48, width=32, strength=0.7, num_images_per_prompt=2)
-    compare(folders["sd1"], "StableDiffusionInpaintPipeline", prompt="a", image=init_image(), mask_image=mask_image(),
-            strength=0.5, guidance_scale=1.0)
+    compare(
+        folders["inpaint9"],
+        "StableDiffusionInpaintPipeline",
+        prompt=["a", "b"],
+        image=init_image(48, 32),
+        mask_image=mask_image(48, 32),
+        height=48,
+        width=32,
+        strength=0.7,
+        num_images_per_prompt=2,
+    )
+    compare(
+        folders["sd1"],
+        "StableDiffusionInpaintPipeline",
+        prompt="a",
+        image=init_image(),
+        mask_image=mask_image(),
+        strength=0.5,
+        guidance_scale=1.0,
+    )
 
 
 def test_callback_on_step_end_sees_and_changes_latents(folders):
@@ -214,31 +272,37 @@ def test_long_prompt_is_truncated_with_a_warning(folders, caplog):
     assert "truncated" in caplog.text and "tailend" in caplog.text
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(prompt="x", height=33), ValueError, "divisible by"),
-    (dict(prompt="x", prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "not both"),
-    (dict(), ValueError, "give `prompt` or `prompt_embeds`"),
-    (dict(prompt=["a", "b"], negative_prompt=["c"]), ValueError, "one negative prompt per prompt"),
-    (dict(prompt=3), TypeError, "str or a list of str"),
-    (dict(prompt=["a", 3]), TypeError, "str or a list of str"),
-    (dict(prompt="x", generator=[torch.Generator()] * 3), ValueError, "3 generators"),
-    (dict(prompt="x", output_type="jpeg"), ValueError, "output_type"),
-    (dict(prompt="x", num_inference_steps=0), ValueError, "num_inference_steps"),
-    (dict(prompt="x", callback_on_step_end_tensor_inputs=["noise_pred"]), ValueError, "noise_pred"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(prompt="x", height=33), ValueError, "divisible by"),
+        (dict(prompt="x", prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "not both"),
+        (dict(), ValueError, "give `prompt` or `prompt_embeds`"),
+        (dict(prompt=["a", "b"], negative_prompt=["c"]), ValueError, "one negative prompt per prompt"),
+        (dict(prompt=3), TypeError, "str or a list of str"),
+        (dict(prompt=["a", 3]), TypeError, "str or a list of str"),
+        (dict(prompt="x", generator=[torch.Generator()] * 3), ValueError, "3 generators"),
+        (dict(prompt="x", output_type="jpeg"), ValueError, "output_type"),
+        (dict(prompt="x", num_inference_steps=0), ValueError, "num_inference_steps"),
+        (dict(prompt="x", callback_on_step_end_tensor_inputs=["noise_pred"]), ValueError, "noise_pred"),
+    ],
+)
 def test_txt2img_bad_input(folders, kwargs, error, match):
     _, ours = pipes(folders["sd1"], "StableDiffusionPipeline")
     with pytest.raises(error, match=match):
         ours(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(prompt="x", image=init_image(), strength=1.5), ValueError, "strength"),
-    (dict(prompt="x", image=init_image(), strength=-0.1), ValueError, "strength"),
-    (dict(prompt="x", image="picture.png"), TypeError, "PIL image"),
-    (dict(prompt="x"), ValueError, "needs an `image`"),
-    (dict(prompt="x", image=init_image(), strength=0.01, num_inference_steps=5), ValueError, "no denoising step"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(prompt="x", image=init_image(), strength=1.5), ValueError, "strength"),
+        (dict(prompt="x", image=init_image(), strength=-0.1), ValueError, "strength"),
+        (dict(prompt="x", image="picture.png"), TypeError, "PIL image"),
+        (dict(prompt="x"), ValueError, "needs an `image`"),
+        (dict(prompt="x", image=init_image(), strength=0.01, num_inference_steps=5), ValueError, "no denoising step"),
+    ],
+)
 def test_img2img_bad_input(folders, kwargs, error, match):
     _, ours = pipes(folders["sd1"], "StableDiffusionImg2ImgPipeline")
     with pytest.raises(error, match=match):
@@ -257,17 +321,46 @@ def test_cli_generate_equals_api(folders, tmp_path, capsys):
     from minidiff.cli import main
 
     out = tmp_path / "cli.png"
-    args = ["generate", "a red circle", "--model", str(folders["sd2"]), "--steps", "3", "--seed", "5",
-            "--scheduler", "euler-a", "--guidance", "4", "--height", "48", "--width", "32", "--negative-prompt", "blue",
-            "--num-images", "2", "--output", str(out)]
+    args = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(folders["sd2"]),
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--scheduler",
+        "euler-a",
+        "--guidance",
+        "4",
+        "--height",
+        "48",
+        "--width",
+        "32",
+        "--negative-prompt",
+        "blue",
+        "--num-images",
+        "2",
+        "--output",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(tmp_path / "cli-0.png"), str(tmp_path / "cli-1.png")]
 
     pipe = minidiff.StableDiffusionPipeline.from_pretrained(folders["sd2"])
     pipe.scheduler = minidiff.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    images = pipe("a red circle", negative_prompt="blue", num_inference_steps=3, guidance_scale=4, height=48, width=32,
-                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(5)).images
+    images = pipe(
+        "a red circle",
+        negative_prompt="blue",
+        num_inference_steps=3,
+        guidance_scale=4,
+        height=48,
+        width=32,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(5),
+    ).images
     for i, image in enumerate(images):
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"cli-{i}.png")), np.asarray(image))
 

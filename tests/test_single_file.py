@@ -21,11 +21,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import CLIP_BPE, perturb, reference_config, rel_err
 from safetensors.torch import load_file, save_file
 
-from conftest import CLIP_BPE, perturb, reference_config, rel_err
-from minidiff import (AutoencoderKL, CLIPTextModel, CLIPTokenizer, StableDiffusionInpaintPipeline,
-                      StableDiffusionPipeline, UNet2DConditionModel)
+from minidiff import (
+    AutoencoderKL,
+    CLIPTextModel,
+    CLIPTokenizer,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from minidiff.cli import main as cli
 from minidiff.loading import CheckpointError
 from weights_conversion import ConversionError
@@ -33,14 +39,30 @@ from weights_conversion.clip_vocab import write_hf_tokenizer_files
 
 # ---------------------------------------------------------------- the test's own diffusers -> LDM map
 
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-              "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-              "mid_block.resnets.1": "middle_block.2"}
-LDM_TRAINING = {"betas": torch.linspace(1e-4, 2e-2, 1000), "alphas_cumprod": torch.linspace(1, 0, 1000),
-                "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10, dtype=torch.int32)}
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+    "mid_block.resnets.0": "middle_block.0",
+    "mid_block.attentions.0": "middle_block.1",
+    "mid_block.resnets.1": "middle_block.2",
+}
+LDM_TRAINING = {
+    "betas": torch.linspace(1e-4, 2e-2, 1000),
+    "alphas_cumprod": torch.linspace(1, 0, 1000),
+    "model_ema.decay": torch.tensor(0.9999),
+    "model_ema.num_updates": torch.tensor(10, dtype=torch.int32),
+}
 
 
 def _resnet_leaf(rest: str) -> str:
@@ -56,7 +78,7 @@ def ldm_unet(sd: dict, cfg) -> dict:
         m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", k)
         if m is None:
             old = next(o for o in UNET_FIXED if k.startswith(o + "."))
-            rest = k[len(old) + 1:]
+            rest = k[len(old) + 1 :]
             new = f"{UNET_FIXED[old]}.{_resnet_leaf(rest) if 'resnets' in old else rest}"
         else:
             side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
@@ -81,7 +103,9 @@ def ldm_vae(sd: dict, cfg) -> dict:
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
         k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{top - int(m[1])}.block.", k)
-        k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{top - int(m[1])}.upsample.", k)
+        k = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{top - int(m[1])}.upsample.", k
+        )
         k = k.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
         for old, new in attn.items():
             if f"mid_block.attentions.0.{old}." in k:
@@ -107,12 +131,21 @@ def ldm_openclip(sd: dict, seed: int = 7) -> dict:
     p = "cond_stage_model.model."
     n = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
     width = sd["embeddings.token_embedding.weight"].shape[1]
-    out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           p + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"],
-           p + "text_projection": torch.randn(width, width, generator=g), p + "logit_scale": torch.tensor(4.6052)}
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-             "self_attn.out_proj": "attn.out_proj"}
+    out = {
+        p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
+        p + "positional_embedding": sd["embeddings.position_embedding.weight"],
+        p + "ln_final.weight": sd["final_layer_norm.weight"],
+        p + "ln_final.bias": sd["final_layer_norm.bias"],
+        p + "text_projection": torch.randn(width, width, generator=g),
+        p + "logit_scale": torch.tensor(4.6052),
+    }
+    names = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
     for i in range(n + 1):
         src, dst = f"encoder.layers.{min(i, n - 1)}.", f"{p}transformer.resblocks.{i}."
         for leaf in ("weight", "bias"):
@@ -131,21 +164,47 @@ def tiny_components(kind: str, inpaint: bool = False, seed: int = 0) -> dict:
     SD2: 64-wide heads, 23 + 1 OpenCLIP layers), every weight perturbed."""
     sd2 = kind == "sd2"
     torch.manual_seed(seed)
-    levels = dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    levels = dict(
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
     unet = diffusers.UNet2DConditionModel(
-        sample_size=96 if sd2 and not inpaint else 64, in_channels=9 if inpaint else 4, out_channels=4,
-        block_out_channels=(64, 128, 128) if sd2 else (32, 64, 64), layers_per_block=1 if sd2 else 2,
-        norm_num_groups=32, cross_attention_dim=128, attention_head_dim=[1, 2, 2] if sd2 else 8,
-        use_linear_projection=sd2, upcast_attention=sd2 and not inpaint, **levels)
+        sample_size=96 if sd2 and not inpaint else 64,
+        in_channels=9 if inpaint else 4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128) if sd2 else (32, 64, 64),
+        layers_per_block=1 if sd2 else 2,
+        norm_num_groups=32,
+        cross_attention_dim=128,
+        attention_head_dim=[1, 2, 2] if sd2 else 8,
+        use_linear_projection=sd2,
+        upcast_attention=sd2 and not inpaint,
+        **levels,
+    )
     vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        latent_channels=4,
         sample_size=768 if sd2 and not inpaint else 512,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=23 if sd2 else 2,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
-        projection_dim=512 if sd2 else 768, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=23 if sd2 else 2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            projection_dim=512 if sd2 else 768,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    )
     for i, model in enumerate((unet, vae, text_encoder)):
         perturb(model.eval(), seed + i, scale=0.02)
     config = reference_config(f"{'sd-v2-1' if sd2 else 'sd-v1-5'}.scheduler")
@@ -162,16 +221,29 @@ class Tiny:
         self.kind, self.inpaint = kind, inpaint
         self.models = tiny_components(kind, inpaint)
         pad = "!" if kind == "sd2" else "<|endoftext|>"
-        tokenizer = transformers.CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(CLIP_BPE, root / "_tok", pad_token=pad))
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(
+            write_hf_tokenizer_files(CLIP_BPE, root / "_tok", pad_token=pad)
+        )
         cls = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionPipeline
-        self.pipe = cls(**self.models, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                        requires_safety_checker=False)
+        self.pipe = cls(
+            **self.models,
+            tokenizer=tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         self.folder = root / "diffusers"
         self.pipe.save_pretrained(self.folder)
         m = self.models
-        text = ldm_openclip(m["text_encoder"].state_dict()) if kind == "sd2" else ldm_clip(m["text_encoder"].state_dict())
-        self.ldm = {**ldm_unet(m["unet"].state_dict(), m["unet"].config), **ldm_vae(m["vae"].state_dict(), m["vae"].config),
-                    **text, **LDM_TRAINING}
+        text = (
+            ldm_openclip(m["text_encoder"].state_dict()) if kind == "sd2" else ldm_clip(m["text_encoder"].state_dict())
+        )
+        self.ldm = {
+            **ldm_unet(m["unet"].state_dict(), m["unet"].config),
+            **ldm_vae(m["vae"].state_dict(), m["vae"].config),
+            **text,
+            **LDM_TRAINING,
+        }
         self.ldm = {k: v.detach().clone().contiguous() for k, v in self.ldm.items()}
 
     def write(self, path: Path, sd: dict | None = None, nested: bool = False, **top) -> Path:
@@ -230,8 +302,10 @@ def assert_same_pipeline(ours, ref, round_to=None) -> None:
         assert_same_tensors(a.state_dict(), expected, name)
     assert plain(ours.scheduler.config) == plain(ref.scheduler.config)
     prompt = ["a photo of an astronaut!! riding a horse", ""]
-    assert torch.equal(ours.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids,
-                       ref.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids)
+    assert torch.equal(
+        ours.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids,
+        ref.tokenizer(prompt, padding="max_length", return_tensors="pt").input_ids,
+    )
 
 
 # ---------------------------------------------------------------- the fixtures are what diffusers reads
@@ -250,8 +324,12 @@ def test_diffusers_reads_the_fixture(tiny, tmp_path, offline, name):
 def test_diffusers_reads_the_ema_fixture(tiny, tmp_path, offline):
     t = tiny("sd1")
     unet = diffusers.UNet2DConditionModel.from_single_file(
-        str(t.write(tmp_path / "ema.safetensors", with_ema(t.ldm))), config=str(t.folder), subfolder="unet",
-        local_files_only=True, extract_ema=True)
+        str(t.write(tmp_path / "ema.safetensors", with_ema(t.ldm))),
+        config=str(t.folder),
+        subfolder="unet",
+        local_files_only=True,
+        extract_ema=True,
+    )
     assert_same_tensors(unet.state_dict(), t.models["unet"].state_dict(), "EMA UNet")
 
 
@@ -259,7 +337,7 @@ def with_ema(sd: dict) -> dict:
     """The weights moved to LDM's EMA names; the raw UNet slots get other (noisy) values."""
     out = dict(sd)
     for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
-        out["model_ema." + k[len("model."):].replace(".", "")] = sd[k]
+        out["model_ema." + k[len("model.") :].replace(".", "")] = sd[k]
         out[k] = sd[k] + 0.5
     return out
 
@@ -315,8 +393,15 @@ def test_outputs_match_the_diffusers_folder(tiny, tmp_path, name):
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 12, 10, generator=g), torch.randn(2, 77, 128, generator=g)
     with torch.no_grad():
-        assert rel_err(ours.unet(x, 500, encoder_hidden_states=ctx).sample, ref.unet(x, 500, encoder_hidden_states=ctx).sample) <= 1e-4
-    kwargs = dict(prompt="a red cube!", negative_prompt="blurry", height=32, width=24, num_inference_steps=2, output_type="np")
+        assert (
+            rel_err(
+                ours.unet(x, 500, encoder_hidden_states=ctx).sample, ref.unet(x, 500, encoder_hidden_states=ctx).sample
+            )
+            <= 1e-4
+        )
+    kwargs = dict(
+        prompt="a red cube!", negative_prompt="blurry", height=32, width=24, num_inference_steps=2, output_type="np"
+    )
     for p in (ours, ref):
         p.set_progress_bar_config(disable=True)
     a = ours(**kwargs, generator=torch.Generator().manual_seed(1)).images
@@ -334,7 +419,7 @@ def test_each_model_alone(tiny, tmp_path):
     half = UNet2DConditionModel.from_single_file(path, torch_dtype=torch.float16)
     assert half.dtype == torch.float16
     # a VAE-only file (like vae-ft-mse-840000-ema-pruned) keeps the LDM names without the prefix
-    vae_only = {k[len("first_stage_model."):]: v for k, v in t.ldm.items() if k.startswith("first_stage_model.")}
+    vae_only = {k[len("first_stage_model.") :]: v for k, v in t.ldm.items() if k.startswith("first_stage_model.")}
     ours = AutoencoderKL.from_single_file(t.write(tmp_path / "vae.safetensors", vae_only))
     assert_same_tensors(ours.state_dict(), AutoencoderKL.from_pretrained(t.folder, subfolder="vae").state_dict(), "vae")
 
@@ -342,22 +427,29 @@ def test_each_model_alone(tiny, tmp_path):
 # ---------------------------------------------------------------- what the weights cannot say
 
 
-@pytest.mark.parametrize("name, filename, top, override, expected", [
-    ("sd1", "m.safetensors", {}, None, ("epsilon", 64, False, "PNDMScheduler")),
-    ("sd1", "m.safetensors", {}, "v_prediction", ("v_prediction", 64, False, "PNDMScheduler")),
-    ("sd2", "m.safetensors", {}, None, ("v_prediction", 96, True, "DDIMScheduler")),
-    ("sd2", "m.safetensors", {}, "epsilon", ("epsilon", 64, False, "DDIMScheduler")),
-    ("sd2", "m.ckpt", {"global_step": 875000}, None, ("epsilon", 64, False, "DDIMScheduler")),  # 2.x-base
-    ("sd2", "m.ckpt", {"global_step": 875000}, "v_prediction", ("v_prediction", 96, True, "DDIMScheduler")),
-    ("sd2-inpaint", "m.safetensors", {}, None, ("epsilon", 64, False, "DDIMScheduler")),
-])
+@pytest.mark.parametrize(
+    "name, filename, top, override, expected",
+    [
+        ("sd1", "m.safetensors", {}, None, ("epsilon", 64, False, "PNDMScheduler")),
+        ("sd1", "m.safetensors", {}, "v_prediction", ("v_prediction", 64, False, "PNDMScheduler")),
+        ("sd2", "m.safetensors", {}, None, ("v_prediction", 96, True, "DDIMScheduler")),
+        ("sd2", "m.safetensors", {}, "epsilon", ("epsilon", 64, False, "DDIMScheduler")),
+        ("sd2", "m.ckpt", {"global_step": 875000}, None, ("epsilon", 64, False, "DDIMScheduler")),  # 2.x-base
+        ("sd2", "m.ckpt", {"global_step": 875000}, "v_prediction", ("v_prediction", 96, True, "DDIMScheduler")),
+        ("sd2-inpaint", "m.safetensors", {}, None, ("epsilon", 64, False, "DDIMScheduler")),
+    ],
+)
 def test_prediction_type_rule(tiny, tmp_path, name, filename, top, override, expected):
     t = tiny(name)
     path = t.write(tmp_path / filename, nested=bool(top), **top)
     cls = StableDiffusionInpaintPipeline if t.inpaint else StableDiffusionPipeline
     pipe = cls.from_single_file(path, prediction_type=override)
-    got = (pipe.scheduler.config.prediction_type, pipe.unet.config.sample_size, pipe.unet.config.upcast_attention,
-           type(pipe.scheduler).__name__)
+    got = (
+        pipe.scheduler.config.prediction_type,
+        pipe.unet.config.sample_size,
+        pipe.unet.config.upcast_attention,
+        type(pipe.scheduler).__name__,
+    )
     assert got == expected
     assert pipe.vae.config.sample_size == 8 * expected[1]
     assert pipe.tokenizer.pad_token == ("!" if name.startswith("sd2") else "<|endoftext|>")
@@ -388,12 +480,18 @@ def read(path: Path) -> dict:
 
 def unused_openclip(keys) -> list[str]:
     """What SD2 does not compute with, so a diffusers folder has no place for it (filled on the way back)."""
-    return [k for k in keys if k.startswith("cond_stage_model.model.transformer.resblocks.23.")
-            or k in ("cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale")]
+    return [
+        k
+        for k in keys
+        if k.startswith("cond_stage_model.model.transformer.resblocks.23.")
+        or k in ("cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale")
+    ]
 
 
-@pytest.mark.parametrize("name, src, dst", [("sd1", "a.ckpt", "b.ckpt"), ("sd2", "a.safetensors", "b.safetensors"),
-                                            ("sd2", "a.safetensors", "b.ckpt")])
+@pytest.mark.parametrize(
+    "name, src, dst",
+    [("sd1", "a.ckpt", "b.ckpt"), ("sd2", "a.safetensors", "b.safetensors"), ("sd2", "a.safetensors", "b.ckpt")],
+)
 def test_file_to_folder_to_file(tiny, tmp_path, offline, name, src, dst):
     t = tiny(name)
     source = t.write(tmp_path / src, nested=src.endswith(".ckpt"))
@@ -410,7 +508,9 @@ def test_file_to_folder_to_file(tiny, tmp_path, offline, name, src, dst):
     assert set(after) == set(before) - dropped
     filled = unused_openclip(after)
     assert bool(filled) == (name == "sd2")
-    assert_same_tensors({k: after[k] for k in after if k not in filled}, {k: before[k] for k in after if k not in filled})
+    assert_same_tensors(
+        {k: after[k] for k in after if k not in filled}, {k: before[k] for k in after if k not in filled}
+    )
     # what minidiff writes is a fixed point: file -> folder -> file is byte-for-byte the same tensors
     assert cli(["convert", str(tmp_path / dst), str(tmp_path / "folder2")]) == 0
     assert cli(["convert", str(tmp_path / "folder2"), str(tmp_path / ("c" + Path(dst).suffix))]) == 0
@@ -433,8 +533,20 @@ def test_folder_to_file_to_folder(tiny, tmp_path, offline, name):
         assert_same_tensors(getattr(back, part).state_dict(), t.models[part].state_dict(), part)
     for part in ("unet", "vae", "scheduler"):
         assert plain(getattr(back, part).config) == plain(getattr(t.pipe, part).config), part
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
-            "max_position_embeddings", "layer_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id", "projection_dim")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "hidden_act",
+        "max_position_embeddings",
+        "layer_norm_eps",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "projection_dim",
+    )
     for key in keys:
         assert getattr(back.text_encoder.config, key) == getattr(t.models["text_encoder"].config, key), key
 
@@ -442,7 +554,10 @@ def test_folder_to_file_to_folder(tiny, tmp_path, offline, name):
 def test_convert_options(tiny, tmp_path):
     t = tiny("sd2")
     src = t.write(tmp_path / "m.safetensors")
-    assert cli(["convert", str(src), str(tmp_path / "eps"), "--prediction-type", "epsilon", "--tokenizer", str(t.folder)]) == 0
+    assert (
+        cli(["convert", str(src), str(tmp_path / "eps"), "--prediction-type", "epsilon", "--tokenizer", str(t.folder)])
+        == 0
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "eps")
     assert (pipe.scheduler.config.prediction_type, pipe.unet.config.sample_size) == ("epsilon", 64)
 
@@ -464,7 +579,9 @@ def test_half_precision_round_trip(tiny, tmp_path):
     half = read(tmp_path / "half.safetensors")
     assert {v.dtype for v in half.values()} == {torch.float16}
     assert cli(["convert", str(tmp_path / "half.safetensors"), str(tmp_path / "folder")]) == 0  # stays fp16
-    assert {v.dtype for v in load_file(str(tmp_path / "folder/unet/diffusion_pytorch_model.safetensors")).values()} == {torch.float16}
+    assert {v.dtype for v in load_file(str(tmp_path / "folder/unet/diffusion_pytorch_model.safetensors")).values()} == {
+        torch.float16
+    }
     assert cli(["convert", str(tmp_path / "folder"), str(tmp_path / "again.safetensors")]) == 0
     assert_same_tensors(read(tmp_path / "again.safetensors"), half, "fp16 round trip")
 
@@ -505,8 +622,12 @@ def test_broken_files_are_named(tiny, tmp_path):
     lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 4265146304\n")
     pickle_named = tmp_path / "pickle.safetensors"
     pickle_named.write_bytes(ckpt.read_bytes())
-    for path, message in ((cut, "truncated or corrupt"), (cut_ckpt, "truncated or corrupt"), (lfs, "Git LFS pointer"),
-                          (pickle_named, "holds a pickle")):
+    for path, message in (
+        (cut, "truncated or corrupt"),
+        (cut_ckpt, "truncated or corrupt"),
+        (lfs, "Git LFS pointer"),
+        (pickle_named, "holds a pickle"),
+    ):
         with pytest.raises(CheckpointError, match=message) as err:
             StableDiffusionPipeline.from_single_file(path)
         assert str(path) in str(err.value)
@@ -523,10 +644,14 @@ def test_wrong_layouts_are_named(tiny, tmp_path):
         "sdxl": ({**t.ldm, "conditioner.embedders.0.transformer.x": torch.zeros(1)}, "SDXL"),
         "stray": ({**t.ldm, "something_else.weight": torch.zeros(1)}, "something_else.weight"),
         "no_vae": ({k: v for k, v in t.ldm.items() if not k.startswith("first_stage_model.")}, "holds no vae"),
-        "missing": ({k: v for k, v in t.ldm.items() if k != "model.diffusion_model.middle_block.0.in_layers.2.bias"},
-                    "missing 1 key\\(s\\): mid_block.resnets.0.conv1.bias"),
-        "shape": ({**t.ldm, "model.diffusion_model.middle_block.0.in_layers.2.weight": torch.zeros(3, 3)},
-                  "wrong shape for 1: mid_block.resnets.0.conv1.weight \\(3, 3\\)"),
+        "missing": (
+            {k: v for k, v in t.ldm.items() if k != "model.diffusion_model.middle_block.0.in_layers.2.bias"},
+            "missing 1 key\\(s\\): mid_block.resnets.0.conv1.bias",
+        ),
+        "shape": (
+            {**t.ldm, "model.diffusion_model.middle_block.0.in_layers.2.weight": torch.zeros(3, 3)},
+            "wrong shape for 1: mid_block.resnets.0.conv1.weight \\(3, 3\\)",
+        ),
         "half_ema": ({**t.ldm, "model_ema.diffusion_modelout2weight": torch.zeros(1)}, "EMA copy does not match"),
     }
     for case, (sd, message) in cases.items():
@@ -545,8 +670,13 @@ def real_models(name: str, fp16_exact: bool) -> dict:
     """diffusers / transformers models at the reference configs, perturbed (rounded to fp16 if the
     file will be fp16, so the file holds them exactly)."""
     unet = perturb(diffusers.UNet2DConditionModel.from_config(reference_config(f"{name}.unet")).eval(), seed=3)
-    vae = perturb(diffusers.AutoencoderKL.from_config(reference_config("sd-v1-5.vae")).eval(), seed=4)  # SD2 keeps SD1's VAE
-    text = perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(**reference_config(f"{name}.text_encoder"))).eval(), seed=5)
+    vae = perturb(
+        diffusers.AutoencoderKL.from_config(reference_config("sd-v1-5.vae")).eval(), seed=4
+    )  # SD2 keeps SD1's VAE
+    text = perturb(
+        transformers.CLIPTextModel(transformers.CLIPTextConfig(**reference_config(f"{name}.text_encoder"))).eval(),
+        seed=5,
+    )
     models = dict(unet=unet, vae=vae, text_encoder=text)
     if fp16_exact:
         with torch.no_grad():
@@ -556,18 +686,26 @@ def real_models(name: str, fp16_exact: bool) -> dict:
     return models
 
 
-@pytest.fixture(scope="module", params=[("sd-v1-5", "model.safetensors"), ("sd-v2-1", "model.ckpt")], ids=["sd-v1-5", "sd-v2-1"])
+@pytest.fixture(
+    scope="module", params=[("sd-v1-5", "model.safetensors"), ("sd-v2-1", "model.ckpt")], ids=["sd-v1-5", "sd-v2-1"]
+)
 def real(request, tmp_path_factory):
     """SD 1.5 as an fp32 .safetensors; SD 2.1 as an fp16 .ckpt nested under state_dict (24 OpenCLIP layers)."""
     name, filename = request.param
     sd2 = name == "sd-v2-1"
     models = real_models(name, fp16_exact=sd2)
     text = ldm_openclip(models["text_encoder"].state_dict()) if sd2 else ldm_clip(models["text_encoder"].state_dict())
-    sd = {**ldm_unet(models["unet"].state_dict(), models["unet"].config),
-          **ldm_vae(models["vae"].state_dict(), models["vae"].config), **text}
+    sd = {
+        **ldm_unet(models["unet"].state_dict(), models["unet"].config),
+        **ldm_vae(models["vae"].state_dict(), models["vae"].config),
+        **text,
+    }
     path = tmp_path_factory.mktemp(name) / filename
     if sd2:
-        torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, "global_step": 110000}, path)
+        torch.save(
+            {"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, "global_step": 110000},
+            path,
+        )
     else:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     del sd, text
@@ -584,8 +722,10 @@ def test_real_configs_are_inferred(real):
         ref = plain(reference_config(f"{name}.{part}"))
         got = plain(getattr(ours, part).config)
         assert {k: got[k] for k in ref if k in got} == {k: v for k, v in ref.items() if k in got}, part
-    assert {k: v for k, v in plain(ours.vae.config).items() if k in reference_config("sd-v1-5.vae")} == \
-        {**plain(reference_config("sd-v1-5.vae")), "sample_size": 768 if name == "sd-v2-1" else 512}
+    assert {k: v for k, v in plain(ours.vae.config).items() if k in reference_config("sd-v1-5.vae")} == {
+        **plain(reference_config("sd-v1-5.vae")),
+        "sample_size": 768 if name == "sd-v2-1" else 512,
+    }
     assert ours.scheduler.config.prediction_type == ("v_prediction" if name == "sd-v2-1" else "epsilon")
 
 
@@ -595,8 +735,10 @@ def test_real_weights_come_back(real):
     for part in MODELS:
         model = getattr(ours, part)
         exported = model._format().export(model.state_dict(), model.config)
-        ref = {("text_model." + k if part == "text_encoder" and not k.startswith("text_model.") else k): v
-               for k, v in models[part].state_dict().items()}
+        ref = {
+            ("text_model." + k if part == "text_encoder" and not k.startswith("text_model.") else k): v
+            for k, v in models[part].state_dict().items()
+        }
         ref.pop("text_model.embeddings.position_ids", None)
         assert_same_tensors(exported, ref, part)
 
@@ -606,10 +748,17 @@ def test_real_outputs(real):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 16, 12, generator=g)
     ctx = torch.randn(1, 77, models["unet"].config.cross_attention_dim, generator=g)
-    ids = ours.tokenizer(["a photograph of an astronaut riding a horse"], padding="max_length", return_tensors="pt").input_ids
+    ids = ours.tokenizer(
+        ["a photograph of an astronaut riding a horse"], padding="max_length", return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
-        assert rel_err(ours.unet(x, 999, encoder_hidden_states=ctx).sample,
-                       models["unet"](x, 999, encoder_hidden_states=ctx).sample) <= 1e-4
+        assert (
+            rel_err(
+                ours.unet(x, 999, encoder_hidden_states=ctx).sample,
+                models["unet"](x, 999, encoder_hidden_states=ctx).sample,
+            )
+            <= 1e-4
+        )
         assert rel_err(ours.text_encoder(ids)[0], models["text_encoder"](ids)[0]) <= 1e-4
         z = torch.randn(1, 4, 8, 8, generator=g)
         assert rel_err(ours.vae.decode(z).sample, models["vae"].decode(z).sample) <= 1e-4

@@ -233,10 +233,12 @@ CORPUS: list[str] = [
 ]
 assert len(CORPUS) >= 200 and len(set(CORPUS)) > 200
 
+
 # configs as real checkpoints store them; the last two are transformers 4 era SD files whose
 # special tokens are AddedToken dicts with normalized=true (matched after lowercasing)
 def _dict_token(content: str) -> dict:
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
 
 CONFIG_VARIANTS = {
     "sd1": {"pad_token": "<|endoftext|>"},
@@ -417,7 +419,11 @@ def test_truncation_keeps_eos_last_and_pads_with_the_pad_token(pair) -> None:
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == (
         theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id, theirs.unk_token_id,
     )  # fmt: skip
-    assert (ours.model_max_length, ours.vocab_size, len(ours)) == (theirs.model_max_length, theirs.vocab_size, len(theirs))
+    assert (ours.model_max_length, ours.vocab_size, len(ours)) == (
+        theirs.model_max_length,
+        theirs.vocab_size,
+        len(theirs),
+    )
 
 
 def test_decode_matches_transformers(pair) -> None:
@@ -564,7 +570,9 @@ def test_out_of_vocabulary_ids_raise_value_error(sd1: CLIPTokenizer) -> None:
 
 
 @pytest.mark.parametrize("missing", ["vocab.json", "merges.txt"])
-def test_folder_without_vocab_files_names_the_file(missing: str, tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_folder_without_vocab_files_names_the_file(
+    missing: str, tokenizer_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     shutil.copytree(tokenizer_dirs["sd1"], tmp_path / "tokenizer")
     (tmp_path / "tokenizer" / missing).unlink()
     with pytest.raises(FileNotFoundError, match=missing):

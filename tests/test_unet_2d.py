@@ -14,14 +14,26 @@ from minidiff import UNet2DModel
 from weights_conversion import ConversionError
 
 TINY = dict(
-    sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
 )
 # the DDPM flavour: one attention head, sin-first embedding, freq_shift 1, padded downsampling
 TINY_DDPM = dict(
-    TINY, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6,
-    block_out_channels=(16, 32, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), mid_block_scale_factor=1.5, center_input_sample=True,
+    TINY,
+    attention_head_dim=None,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    downsample_padding=0,
+    norm_eps=1e-6,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    mid_block_scale_factor=1.5,
+    center_input_sample=True,
 )
 
 

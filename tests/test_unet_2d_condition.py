@@ -11,9 +11,9 @@ import re
 import diffusers
 import pytest
 import torch
+from conftest import perturb, reference_config
 from safetensors.torch import load_file, save_file
 
-from conftest import perturb, reference_config
 from minidiff.compare import assert_same_outputs
 from minidiff.unet_2d_condition import UNet2DConditionModel
 from weights_conversion import ConversionError
@@ -30,11 +30,23 @@ TINY = {
     # SD1-like: 1x1-conv projections, one head count for every level, 768 -> 32 context
     "sd1": dict(FOUR_LEVELS, layers_per_block=2, cross_attention_dim=32, attention_head_dim=4),
     # SD2-like: Linear projections, per-level head counts, upcast attention, wider context
-    "sd2": dict(FOUR_LEVELS, layers_per_block=1, cross_attention_dim=48, attention_head_dim=(2, 4, 4, 8),
-                use_linear_projection=True, upcast_attention=True),
+    "sd2": dict(
+        FOUR_LEVELS,
+        layers_per_block=1,
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4, 4, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+    ),
     # inpainting: latents + mask + masked-image latents in, 4 channels out; two transformer layers per block
-    "inpaint": dict(FOUR_LEVELS, in_channels=9, layers_per_block=1, cross_attention_dim=32, attention_head_dim=2,
-                    transformer_layers_per_block=2),
+    "inpaint": dict(
+        FOUR_LEVELS,
+        in_channels=9,
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        transformer_layers_per_block=2,
+    ),
 }
 
 
@@ -122,7 +134,10 @@ def test_missing_or_extra_key_is_named(tiny, tmp_path):
     missing = dict(sd)
     del missing["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
     save_file(missing, tmp_path / WEIGHTS)
-    with pytest.raises(ConversionError, match=r"missing 1 key\(s\): down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight"):
+    with pytest.raises(
+        ConversionError,
+        match=r"missing 1 key\(s\): down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight",
+    ):
         UNet2DConditionModel.from_pretrained(tmp_path)
 
     save_file({**sd, "down_blocks.0.resnets.7.conv1.weight": torch.zeros(1)}, tmp_path / WEIGHTS)
@@ -145,7 +160,14 @@ def test_missing_or_extra_key_is_named(tiny, tmp_path):
         {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"},
         {"resnet_time_scale_shift": "scale_shift"},
         {"only_cross_attention": True},
-        {"down_block_types": ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
+        {
+            "down_block_types": [
+                "CrossAttnDownBlock2D",
+                "SimpleCrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]
+        },
         {"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]},
     ],
     ids=lambda change: next(iter(change)),
@@ -171,7 +193,9 @@ def test_attention_head_dim_counts_heads():
     sd2 = UNet2DConditionModel._format().config_from_dict(reference_config("sd-v2-1.unet"))
     with torch.device("meta"):
         model = UNet2DConditionModel(sd2)
-    heads = [blk.attentions[0].transformer_blocks[0].attn1.heads for blk in model.down_blocks if blk.attentions is not None]
+    heads = [
+        blk.attentions[0].transformer_blocks[0].attn1.heads for blk in model.down_blocks if blk.attentions is not None
+    ]
     assert heads == [5, 10, 20]
     assert model.mid_block.attention.transformer_blocks[0].attn2.heads == 20
     assert model.up_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.in_features == 1024

@@ -7,8 +7,9 @@ names that module in its `conversion` attribute; `minidiff.modeling` does the re
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 

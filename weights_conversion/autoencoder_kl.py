@@ -11,7 +11,8 @@ Legacy attention names (diffusers < 0.14 VAEs, e.g. older SD 1.x / 2.x uploads),
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import ModelFormat
 from .configs import config_from_dict, config_to_dict
@@ -35,10 +36,20 @@ def rules(config: Any = None) -> list[Rule]:
         Rule("decoder.up_blocks.{i}.upsamplers.0.conv.", "decoder.up_blocks.{i}.upsample.conv."),
         *attention_rules("encoder.mid_block.attentions.0.", "encoder.mid_block.attention."),
         *attention_rules("decoder.mid_block.attentions.0.", "decoder.mid_block.attention."),
-        *same("encoder.conv_in.", "encoder.down_blocks.{i}.resnets.{j}.", "encoder.mid_block.resnets.{j}.",
-              "encoder.conv_norm_out.", "encoder.conv_out.", "quant_conv.", "post_quant_conv.",
-              "decoder.conv_in.", "decoder.mid_block.resnets.{j}.", "decoder.up_blocks.{i}.resnets.{j}.",
-              "decoder.conv_norm_out.", "decoder.conv_out."),
+        *same(
+            "encoder.conv_in.",
+            "encoder.down_blocks.{i}.resnets.{j}.",
+            "encoder.mid_block.resnets.{j}.",
+            "encoder.conv_norm_out.",
+            "encoder.conv_out.",
+            "quant_conv.",
+            "post_quant_conv.",
+            "decoder.conv_in.",
+            "decoder.mid_block.resnets.{j}.",
+            "decoder.up_blocks.{i}.resnets.{j}.",
+            "decoder.conv_norm_out.",
+            "decoder.conv_out.",
+        ),
     ]
 
 

@@ -21,7 +21,8 @@ openai/clip-vit-large-patch14).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import ModelFormat
 from .configs import config_from_dict, config_to_dict

@@ -112,8 +112,12 @@ def write_special_files(out_dir: str | os.PathLike, config: dict[str, object]) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in config}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(special, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def write_hf_tokenizer_files(

@@ -9,7 +9,8 @@ the dataclass validate the values. Writing back adds the `_class_name` header di
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 C = TypeVar("C")
 

@@ -15,8 +15,9 @@ from_single_file takes from its default Hub configs when the weights cannot tell
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -32,28 +33,60 @@ PREFIXES = {"unet": UNET, "vae": VAE, "clip": CLIP, "openclip": OPENCLIP}
 # LatentDiffusion's noise-schedule buffers, EMA bookkeeping, CLIP's position ids, the VAE's training
 # loss (in unpruned files): dropped on load, never written
 TRAINING_KEYS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates",
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+    "lvlb_weights",
+    "model_ema.decay",
+    "model_ema.num_updates",
     f"{CLIP}text_model.embeddings.position_ids",
 )
 TRAINING_PREFIXES = (f"{VAE}loss.",)
 # layouts minidiff does not read, named in the error
-OTHER_LAYOUTS = {"conditioner.embedders.": "SDXL", "control_model.": "ControlNet", "text_encoders.": "SD3",
-                 "down_blocks.": "diffusers (not LDM)", "double_blocks.": "Flux"}
+OTHER_LAYOUTS = {
+    "conditioner.embedders.": "SDXL",
+    "control_model.": "ControlNet",
+    "text_encoders.": "SD3",
+    "down_blocks.": "diffusers (not LDM)",
+    "double_blocks.": "Flux",
+}
 
 
 # diffusers' SD 1.5 and SD 2.1 scheduler configs (what from_single_file loads from their Hub repos)
 SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None, "clip_sample": False,
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
 }
 SD21_SCHEDULER = {
-    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None, "clip_sample": False, "prediction_type": "v_prediction",
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+    "prediction_type": "v_prediction",
 }
 
 
@@ -97,7 +130,7 @@ def unwrap(obj: Any, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def ema_key(key: str) -> str:
     """model.diffusion_model.a.0.b -> model_ema.diffusion_modela0b (LDM's LitEma naming)."""
-    return EMA + key[len("model."):].replace(".", "")
+    return EMA + key[len("model.") :].replace(".", "")
 
 
 def _take_ema(sd: Mapping[str, torch.Tensor], use_ema: bool | None, what: str) -> tuple[dict[str, torch.Tensor], bool]:
@@ -111,8 +144,12 @@ def _take_ema(sd: Mapping[str, torch.Tensor], use_ema: bool | None, what: str) -
     missing = [ema_key(k) for k in names if ema_key(k) not in ema]
     extra = ema - {ema_key(k) for k in names}
     if missing or extra:
-        detail = "; ".join(p for p in (missing and f"missing {_show(missing)}", extra and f"unmatched {_show(sorted(extra))}") if p)
-        raise ConversionError(f"{what}: the EMA copy does not match the UNet ({detail}); pass use_ema=False to use the raw weights")
+        detail = "; ".join(
+            p for p in (missing and f"missing {_show(missing)}", extra and f"unmatched {_show(sorted(extra))}") if p
+        )
+        raise ConversionError(
+            f"{what}: the EMA copy does not match the UNet ({detail}); pass use_ema=False to use the raw weights"
+        )
     return {k: sd[ema_key(k)] for k in names}, True
 
 
@@ -121,13 +158,18 @@ def split(sd: Mapping[str, torch.Tensor], what: str, use_ema: bool | None = None
     is known training state, else the error lists the strangers."""
     for prefix, name in OTHER_LAYOUTS.items():
         if any(k.startswith(prefix) for k in sd):
-            raise ConversionError(f"{what} is a {name} checkpoint ({prefix}* keys); minidiff reads SD 1.x / 2.x LDM files")
+            raise ConversionError(
+                f"{what} is a {name} checkpoint ({prefix}* keys); minidiff reads SD 1.x / 2.x LDM files"
+            )
     unet, used_ema = _take_ema(sd, use_ema, what)
-    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {k[len(UNET):]: v for k, v in unet.items()}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {k[len(UNET) :]: v for k, v in unet.items()}}
     for name, prefix in PREFIXES.items():
         if name != "unet":
-            part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k not in TRAINING_KEYS
-                    and not k.startswith(TRAINING_PREFIXES)}
+            part = {
+                k[len(prefix) :]: v
+                for k, v in sd.items()
+                if k.startswith(prefix) and k not in TRAINING_KEYS and not k.startswith(TRAINING_PREFIXES)
+            }
             if part:
                 parts[name] = part
     if not parts["unet"]:
@@ -137,8 +179,10 @@ def split(sd: Mapping[str, torch.Tensor], what: str, use_ema: bool | None = None
     known = tuple(PREFIXES.values()) + TRAINING_PREFIXES + (EMA,)
     strangers = [k for k in sd if not k.startswith(known) and k not in TRAINING_KEYS]
     if strangers:
-        raise ConversionError(f"{what}: keys outside the LDM layout (model.diffusion_model.*, first_stage_model.*, "
-                              f"cond_stage_model.*): {_show(strangers)}")
+        raise ConversionError(
+            f"{what}: keys outside the LDM layout (model.diffusion_model.*, first_stage_model.*, "
+            f"cond_stage_model.*): {_show(strangers)}"
+        )
     if not parts:
         raise ConversionError(f"{what} holds no Stable Diffusion weights")
     return parts

@@ -22,7 +22,8 @@ and `logit_scale` at OpenCLIP's initial log(1/0.07). None of the three changes w
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ def fuse_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
 
 
 def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".", 1)[0] for k in sd if k.startswith(prefix)})
 
 
 def _need(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Size:
@@ -126,7 +127,9 @@ def openclip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM OpenCLIP te
     vocab, width = _need(sd, "token_embedding.weight", what)
     layers = _count(sd, "transformer.resblocks.")
     if layers < 2:
-        raise ConversionError(f"{what}: {layers} OpenCLIP layer(s); SD2 uses all but the last, so at least 2 are needed")
+        raise ConversionError(
+            f"{what}: {layers} OpenCLIP layer(s); SD2 uses all but the last, so at least 2 are needed"
+        )
     return {
         **COMMON,
         "vocab_size": vocab,

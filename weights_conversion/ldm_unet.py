@@ -24,7 +24,8 @@ filled the way the original LDM configs define it (see `config_from_state_dict`)
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -101,7 +102,7 @@ def rules(config: Any) -> list[Rule]:
 
 def _indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     """The sorted integers n of keys `prefix{n}.…`."""
-    return sorted({int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)})
+    return sorted({int(k[len(prefix) :].split(".", 1)[0]) for k in sd if k.startswith(prefix)})
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Size:
@@ -134,7 +135,9 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM UNet
         count += 1
     layers.append(count)
     if not channels or len(layers) != len(channels):
-        raise ConversionError(f"{what}: cannot read the levels from input_blocks.* (found blocks {_indices(sd, 'input_blocks.')})")
+        raise ConversionError(
+            f"{what}: cannot read the levels from input_blocks.* (found blocks {_indices(sd, 'input_blocks.')})"
+        )
 
     transformers = sorted({k.split(".proj_in.")[0] for k in sd if ".proj_in." in k})
     if not transformers:
@@ -154,14 +157,18 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM UNet
         up_cross.append(f"output_blocks.{m}.1.proj_in.weight" in sd)
         m += layers[lvl] + 1
     if len(_indices(sd, "output_blocks.")) != m:
-        raise ConversionError(f"{what}: expected {m} output_blocks for {levels} levels of {layers} ResBlocks, "
-                              f"found {len(_indices(sd, 'output_blocks.'))}")
+        raise ConversionError(
+            f"{what}: expected {m} output_blocks for {levels} levels of {layers} ResBlocks, "
+            f"found {len(_indices(sd, 'output_blocks.'))}"
+        )
 
     if linear:
         odd = [c for c in channels if c % SD2_HEAD_CHANNELS]
         if odd:
-            raise ConversionError(f"{what}: SD2-style UNet (linear projections) with widths {odd} that are not "
-                                  f"multiples of the {SD2_HEAD_CHANNELS}-wide heads")
+            raise ConversionError(
+                f"{what}: SD2-style UNet (linear projections) with widths {odd} that are not "
+                f"multiples of the {SD2_HEAD_CHANNELS}-wide heads"
+            )
         heads: int | list[int] = [c // SD2_HEAD_CHANNELS for c in channels]
     else:
         heads = SD1_HEADS

@@ -1,19 +1,20 @@
 """CompVis / LDM autoencoder (`first_stage_model.*`, prefix stripped) <-> minidiff's AutoencoderKL.
 
-  {encoder,decoder}.mid.block_1. / block_2.   ->  {encoder,decoder}.mid_block.resnets.0. / 1.
-  {encoder,decoder}.mid.attn_1.norm.          ->  {encoder,decoder}.mid_block.attention.group_norm.
-  {encoder,decoder}.mid.attn_1.q/k/v/proj_out. ->  ….mid_block.attention.to_q/to_k/to_v/to_out.   (1x1 conv <-> Linear)
-  {encoder,decoder}.norm_out.                 ->  {encoder,decoder}.conv_norm_out.
-  encoder.down.{i}.block.{j}.                 ->  encoder.down_blocks.{i}.resnets.{j}.   (nin_shortcut -> conv_shortcut)
-  encoder.down.{i}.downsample.conv.           ->  encoder.down_blocks.{i}.downsample.conv.
-  decoder.up.{L-1-i}.block.{j}.               ->  decoder.up_blocks.{i}.resnets.{j}.     (LDM counts decoder levels upwards)
-  decoder.up.{L-1-i}.upsample.conv.           ->  decoder.up_blocks.{i}.upsample.conv.
-  conv_in, conv_out, quant_conv, post_quant_conv and the ResBlocks' norm1/conv1/norm2/conv2 keep their names.
+{encoder,decoder}.mid.block_1. / block_2.   ->  {encoder,decoder}.mid_block.resnets.0. / 1.
+{encoder,decoder}.mid.attn_1.norm.          ->  {encoder,decoder}.mid_block.attention.group_norm.
+{encoder,decoder}.mid.attn_1.q/k/v/proj_out. ->  ….mid_block.attention.to_q/to_k/to_v/to_out.   (1x1 conv <-> Linear)
+{encoder,decoder}.norm_out.                 ->  {encoder,decoder}.conv_norm_out.
+encoder.down.{i}.block.{j}.                 ->  encoder.down_blocks.{i}.resnets.{j}.   (nin_shortcut -> conv_shortcut)
+encoder.down.{i}.downsample.conv.           ->  encoder.down_blocks.{i}.downsample.conv.
+decoder.up.{L-1-i}.block.{j}.               ->  decoder.up_blocks.{i}.resnets.{j}.     (LDM counts upwards)
+decoder.up.{L-1-i}.upsample.conv.           ->  decoder.up_blocks.{i}.upsample.conv.
+conv_in, conv_out, quant_conv, post_quant_conv and the ResBlocks' norm1/conv1/norm2/conv2 keep their names.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -38,8 +39,10 @@ def _mid_rules(side: str) -> list[Rule]:
     return [
         Rule(f"{src}block_1.", f"{dst}resnets.0."),
         Rule(f"{src}block_2.", f"{dst}resnets.1."),
-        *(Rule(f"{src}attn_1.{old}", f"{dst}attention.{new}", transform=_conv_to_linear, inverse=_linear_to_conv)
-          for old, new in ATTENTION.items()),
+        *(
+            Rule(f"{src}attn_1.{old}", f"{dst}attention.{new}", transform=_conv_to_linear, inverse=_linear_to_conv)
+            for old, new in ATTENTION.items()
+        ),
         Rule(f"{side}.norm_out.", f"{side}.conv_norm_out."),
     ]
 
@@ -61,18 +64,30 @@ def rules(config: Any) -> list[Rule]:
         *decoder,
         *_mid_rules("encoder"),
         *_mid_rules("decoder"),
-        *same("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.", "quant_conv.", "post_quant_conv."),
+        *same(
+            "encoder.conv_in.",
+            "encoder.conv_out.",
+            "decoder.conv_in.",
+            "decoder.conv_out.",
+            "quant_conv.",
+            "post_quant_conv.",
+        ),
     ]
 
 
 def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    return len({k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".", 1)[0] for k in sd if k.startswith(prefix)})
 
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM autoencoder") -> dict[str, Any]:
     """A diffusers-style AutoencoderKL config from shapes. LDM's Normalize() is always
     GroupNorm(32, …) and `scale_factor` is not stored in the weights: 0.18215 as in the SD configs."""
-    for key in ("encoder.conv_in.weight", "decoder.conv_out.weight", "decoder.conv_in.weight", "encoder.down.0.block.0.conv1.weight"):
+    for key in (
+        "encoder.conv_in.weight",
+        "decoder.conv_out.weight",
+        "decoder.conv_in.weight",
+        "encoder.down.0.block.0.conv1.weight",
+    ):
         if key not in sd:
             raise ConversionError(f"{what}: the LDM autoencoder has no {key!r}")
     levels = _count(sd, "encoder.down.")

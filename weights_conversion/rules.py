@@ -18,8 +18,8 @@ leave a layer silently at its random initialisation.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -94,9 +94,7 @@ def _show(keys: list[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def check_exact(
-    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str
-) -> None:
+def check_exact(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str) -> None:
     """The converted dict must have exactly the model's keys, each with the model's shape."""
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
@@ -139,4 +137,3 @@ def export(
     """minidiff names -> the foreign layout (the inverse of `convert`, legacy rules excluded)."""
     pairs = [(r._dst_re, r.src, r.inverse) for r in rules if not r.legacy]
     return _rename(state_dict, pairs, [], what)
-

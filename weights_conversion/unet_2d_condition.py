@@ -11,7 +11,8 @@ Deviations from diffusers' names (everything else is kept as it is):
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import ModelFormat
 from .configs import config_from_dict, config_to_dict
@@ -41,8 +42,15 @@ def rules(config: Any = None) -> list[Rule]:
         *transformer_rules("down_blocks.{i}.attentions.{j}.", "down_blocks.{i}.attentions.{j}."),
         *transformer_rules("up_blocks.{i}.attentions.{j}.", "up_blocks.{i}.attentions.{j}."),
         *transformer_rules("mid_block.attentions.0.", "mid_block.attention."),
-        *same("conv_in.", "time_embedding.", "down_blocks.{i}.resnets.{j}.", "mid_block.resnets.{j}.",
-              "up_blocks.{i}.resnets.{j}.", "conv_norm_out.", "conv_out."),
+        *same(
+            "conv_in.",
+            "time_embedding.",
+            "down_blocks.{i}.resnets.{j}.",
+            "mid_block.resnets.{j}.",
+            "up_blocks.{i}.resnets.{j}.",
+            "conv_norm_out.",
+            "conv_out.",
+        ),
     ]
 
 

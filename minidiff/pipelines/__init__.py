@@ -4,6 +4,11 @@ from .ddpm import DDPMPipeline
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
 __all__ = [
-    "DiffusionPipeline", "ImagePipelineOutput", "randn_tensor", "DDPMPipeline",
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+    "DiffusionPipeline",
+    "ImagePipelineOutput",
+    "randn_tensor",
+    "DDPMPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
 ]

@@ -46,7 +46,11 @@ def _component_classes() -> dict[str, type]:
     import minidiff
 
     names = [
-        "UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPTokenizer",
+        "UNet2DModel",
+        "UNet2DConditionModel",
+        "AutoencoderKL",
+        "CLIPTextModel",
+        "CLIPTokenizer",
         *getattr(minidiff, "SCHEDULERS", {}).keys(),
     ]
     classes = {n: getattr(minidiff, n) for n in names if hasattr(minidiff, n)}
@@ -57,7 +61,11 @@ def _component_classes() -> dict[str, type]:
 def _pipeline_classes() -> dict[str, type]:
     import minidiff.pipelines as pipelines
 
-    return {name: getattr(pipelines, name) for name in pipelines.__all__ if name.endswith("Pipeline") and name != "DiffusionPipeline"}
+    return {
+        name: getattr(pipelines, name)
+        for name in pipelines.__all__
+        if name.endswith("Pipeline") and name != "DiffusionPipeline"
+    }
 
 
 class DiffusionPipeline:
@@ -83,7 +91,7 @@ class DiffusionPipeline:
         variant: str | None = None,
         local_files_only: bool = False,
         **overrides: Any,
-    ) -> "DiffusionPipeline":
+    ) -> DiffusionPipeline:
         """Load every component listed in model_index.json; `unet=...` etc. replace one instead."""
         path = pretrained_model_name_or_path
         index = load_config(path, None, "model_index.json", local_files_only)
@@ -92,8 +100,10 @@ class DiffusionPipeline:
             name = index.get("_class_name")
             pipeline_cls = _pipeline_classes().get(name)  # type: ignore[assignment]
             if pipeline_cls is None:
-                raise ValueError(f"{path}/model_index.json names the pipeline {name!r}, which minidiff does not have "
-                                 f"(it has {sorted(_pipeline_classes())})")
+                raise ValueError(
+                    f"{path}/model_index.json names the pipeline {name!r}, which minidiff does not have "
+                    f"(it has {sorted(_pipeline_classes())})"
+                )
         known = _component_classes()
         components: dict[str, Any] = {}
         for name in pipeline_cls.component_names:
@@ -108,8 +118,10 @@ class DiffusionPipeline:
                 raise ValueError(f"{path}/model_index.json has no entry for the component {name!r}")
             component_cls = known.get(entry[1])
             if component_cls is None:
-                raise ValueError(f"{path}: component {name!r} is a {entry[0]}.{entry[1]}, which minidiff cannot load "
-                                 f"(it reads {sorted(known)})")
+                raise ValueError(
+                    f"{path}: component {name!r} is a {entry[0]}.{entry[1]}, which minidiff cannot load "
+                    f"(it reads {sorted(known)})"
+                )
             kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": local_files_only}
             if isinstance(component_cls, type) and issubclass(component_cls, torch.nn.Module):
                 kwargs.update(torch_dtype=torch_dtype, variant=variant)
@@ -148,7 +160,7 @@ class DiffusionPipeline:
     def _modules(self) -> list[torch.nn.Module]:
         return [c for c in self.components.values() if isinstance(c, torch.nn.Module)]
 
-    def to(self, *args: Any, **kwargs: Any) -> "DiffusionPipeline":
+    def to(self, *args: Any, **kwargs: Any) -> DiffusionPipeline:
         """`pipe.to("cuda")`, `pipe.to(torch.float16)` or both: moves every model."""
         for module in self._modules():
             module.to(*args, **kwargs)

@@ -8,7 +8,7 @@ arrays and tensors are expected in [0, 1] (tensors already in [-1, 1] are passed
 from __future__ import annotations
 
 import warnings
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from PIL import Image
 
 from .base import numpy_to_pil
 
-ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, list]
+ImageInput = Image.Image | np.ndarray | torch.Tensor | list
 
 
 def _as_list(image: ImageInput, what: str) -> list:
@@ -33,7 +33,9 @@ def _as_list(image: ImageInput, what: str) -> list:
     return images
 
 
-def _default_size(image: Image.Image | torch.Tensor, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
+def _default_size(
+    image: Image.Image | torch.Tensor, height: int | None, width: int | None, multiple: int
+) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         w, h = image.size
     else:
@@ -77,7 +79,10 @@ def preprocess_image(
             raise ValueError(f"`mask_image` must have one channel, got shape {tuple(x.shape)}")
         return (x >= 0.5).to(torch.float32)
     if x.min() < 0:
-        warnings.warn("`image` is already in [-1, 1]; minidiff (like diffusers) expects [0, 1] and will not rescale it")
+        warnings.warn(
+            "`image` is already in [-1, 1]; minidiff (like diffusers) expects [0, 1] and will not rescale it",
+            stacklevel=3,
+        )
         return x
     return 2.0 * x - 1.0
 

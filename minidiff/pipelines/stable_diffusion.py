@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,23 +44,46 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
-                 requires_safety_checker: bool = False) -> None:
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker: bool = False,
+    ) -> None:
         if safety_checker is not None:
             logger.warning("minidiff does not run safety checkers; the one given is ignored")
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
     @classmethod
-    def from_single_file(cls, path, prediction_type: str | None = None, tokenizer=None, torch_dtype=None,
-                         use_ema: bool | None = None, **components: Any):
+    def from_single_file(
+        cls,
+        path,
+        prediction_type: str | None = None,
+        tokenizer=None,
+        torch_dtype=None,
+        use_ema: bool | None = None,
+        **components: Any,
+    ):
         """Load an original CompVis / LDM single file (.safetensors or .ckpt, SD 1.x / 2.x) offline:
         configs inferred from the weights, the prediction type by the rule in minidiff.single_file
         (`prediction_type=` overrides it), `tokenizer` a folder (default: the CLIP vocabulary shipped
         with minidiff), `use_ema=False` for the raw UNet weights of a file with an EMA copy."""
         from ..single_file import load_pipeline
 
-        return load_pipeline(cls, path, prediction_type=prediction_type, tokenizer=tokenizer,
-                             torch_dtype=torch_dtype, use_ema=use_ema, **components)
+        return load_pipeline(
+            cls,
+            path,
+            prediction_type=prediction_type,
+            tokenizer=tokenizer,
+            torch_dtype=torch_dtype,
+            use_ema=use_ema,
+            **components,
+        )
 
     @property
     def vae_scale_factor(self) -> int:
@@ -69,12 +93,16 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     def _embed(self, prompt: list[str], clip_skip: int | None) -> torch.Tensor:
         tok = self.tokenizer
-        ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
         full = tok(prompt, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] >= ids.shape[-1] and not torch.equal(ids, full):
             dropped = tok.batch_decode(full[:, tok.model_max_length - 1 : -1])
-            logger.warning(f"The following part of your input was truncated because CLIP can only handle sequences up to "
-                           f"{tok.model_max_length} tokens: {dropped}")
+            logger.warning(
+                f"The following part of your input was truncated because CLIP can only handle sequences up to "
+                f"{tok.model_max_length} tokens: {dropped}"
+            )
         ids = ids.to(self.text_encoder.device)
         if clip_skip is None:
             return self.text_encoder(ids)[0]
@@ -104,13 +132,17 @@ class StableDiffusionPipeline(DiffusionPipeline):
             if negative_prompt is None:
                 uncond = [""] * batch
             elif prompt is not None and type(prompt) is not type(negative_prompt):
-                raise TypeError(f"`negative_prompt` must have the same type as `prompt`, got {type(negative_prompt).__name__} "
-                                f"and {type(prompt).__name__}")
+                raise TypeError(
+                    f"`negative_prompt` must have the same type as `prompt`, got {type(negative_prompt).__name__} "
+                    f"and {type(prompt).__name__}"
+                )
             elif isinstance(negative_prompt, str):
                 uncond = [negative_prompt]
             elif len(negative_prompt) != batch:
-                raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch}: "
-                                 f"give one negative prompt per prompt")
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch}: "
+                    f"give one negative prompt per prompt"
+                )
             else:
                 uncond = negative_prompt
             # the unconditional embedding never takes clip_skip, as in diffusers
@@ -122,30 +154,54 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     # -- checks ----------------------------------------------------------------------------------
 
-    def check_inputs(self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                     callback_on_step_end_tensor_inputs, strength: float | None = None) -> None:
+    def check_inputs(
+        self,
+        prompt,
+        height,
+        width,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        callback_on_step_end_tensor_inputs,
+        strength: float | None = None,
+    ) -> None:
         if strength is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"`strength` must be in [0.0, 1.0], got {strength}")
         if height is not None and (height % self.vae_scale_factor or width % self.vae_scale_factor):
-            raise ValueError(f"`height` and `width` must be divisible by {self.vae_scale_factor}, got {height} and {width}")
+            raise ValueError(
+                f"`height` and `width` must be divisible by {self.vae_scale_factor}, got {height} and {width}"
+            )
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("give either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
             raise ValueError("give `prompt` or `prompt_embeds`")
-        if prompt is not None and not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+        if prompt is not None and not (
+            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+        ):
             raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
         if isinstance(prompt, list) and not prompt:
             raise ValueError("`prompt` is an empty list")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("give either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if negative_prompt is not None and not (isinstance(negative_prompt, str) or (isinstance(negative_prompt, list) and all(isinstance(p, str) for p in negative_prompt))):
+        if negative_prompt is not None and not (
+            isinstance(negative_prompt, str)
+            or (isinstance(negative_prompt, list) and all(isinstance(p, str) for p in negative_prompt))
+        ):
             raise TypeError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}")
-        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
-                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        if (
+            prompt_embeds is not None
+            and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+            )
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, not {unknown}")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, not {unknown}"
+            )
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -162,8 +218,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
     @staticmethod
     def _check_generators(generator: Generator, batch: int) -> None:
         if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got a list of {len(generator)} generators for an effective batch of {batch} "
-                             f"(prompts x num_images_per_prompt): pass exactly one per image")
+            raise ValueError(
+                f"got a list of {len(generator)} generators for an effective batch of {batch} "
+                f"(prompts x num_images_per_prompt): pass exactly one per image"
+            )
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -199,7 +257,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 if after_step is not None:
                     latents = after_step(i, latents)
                 if callback_on_step_end is not None:
-                    values = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                    values = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
                     out = callback_on_step_end(self, i, t, {k: values[k] for k in callback_inputs}) or {}
                     latents = out.pop("latents", latents)
                     prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
@@ -218,7 +280,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def _encode_image(self, image: torch.Tensor, generator: Generator) -> torch.Tensor:
         """VAE latents of an image, sampled with the generator(s), times the scaling factor."""
         if isinstance(generator, list):
-            latents = torch.cat([self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(image.shape[0])])
+            latents = torch.cat(
+                [self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(image.shape[0])]
+            )
         else:
             latents = self.vae.encode(image).latent_dist.sample(generator)
         return self.vae.config.scaling_factor * latents
@@ -261,14 +325,29 @@ class StableDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' default, never mutated)
     ) -> ImagePipelineOutput | tuple:
         height, width = self._default_size(height, width)
-        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+        )
         self._check_output_type(output_type)
         device = self.device
         guided = guidance_scale > 1.0
         batch = _batch_size(prompt, prompt_embeds)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            clip_skip,
+        )
         timesteps = self._set_timesteps(num_inference_steps, device)
 
         n = batch * num_images_per_prompt
@@ -280,9 +359,17 @@ class StableDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(device) * self.scheduler.init_noise_sigma
 
-        latents = self._denoise(latents, timesteps, num_inference_steps, prompt_embeds, negative_prompt_embeds,
-                                guidance_scale, self._step_kwargs(generator, eta), callback_on_step_end,
-                                callback_on_step_end_tensor_inputs)
+        latents = self._denoise(
+            latents,
+            timesteps,
+            num_inference_steps,
+            prompt_embeds,
+            negative_prompt_embeds,
+            guidance_scale,
+            self._step_kwargs(generator, eta),
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
         images = self._decode(latents, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
@@ -300,8 +387,10 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             self.scheduler.set_begin_index(start * order)
         steps = num_inference_steps - start
         if steps < 1:
-            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising "
-                             f"step; raise one of them")
+            raise ValueError(
+                f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising "
+                f"step; raise one of them"
+            )
         return timesteps[start * order :], steps
 
     @torch.no_grad()
@@ -324,8 +413,16 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
     ) -> ImagePipelineOutput | tuple:
-        self.check_inputs(prompt, None, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          callback_on_step_end_tensor_inputs, strength)
+        self.check_inputs(
+            prompt,
+            None,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+            strength,
+        )
         self._check_output_type(output_type)
         if image is None:
             raise ValueError("img2img needs an `image`")
@@ -333,7 +430,15 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         guided = guidance_scale > 1.0
         batch = _batch_size(prompt, prompt_embeds)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            clip_skip,
+        )
         image = preprocess_image(image, multiple=self.vae_scale_factor)
         timesteps, steps = self._start(num_inference_steps, strength, device)
 
@@ -350,8 +455,17 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         noise = randn_tensor(tuple(init.shape), generator, device, prompt_embeds.dtype)
         latents = self.scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
 
-        latents = self._denoise(latents, timesteps, steps, prompt_embeds, negative_prompt_embeds, guidance_scale,
-                                self._step_kwargs(generator, eta), callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents = self._denoise(
+            latents,
+            timesteps,
+            steps,
+            prompt_embeds,
+            negative_prompt_embeds,
+            guidance_scale,
+            self._step_kwargs(generator, eta),
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
         images = self._decode(latents, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
@@ -399,21 +513,39 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
     ) -> ImagePipelineOutput | tuple:
         height, width = self._default_size(height, width)
-        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                          callback_on_step_end_tensor_inputs, strength)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+            strength,
+        )
         self._check_output_type(output_type)
         if image is None or mask_image is None:
             raise ValueError("inpainting needs both `image` and `mask_image`")
         unet_channels = self.unet.config.in_channels
         latent_channels = self.vae.config.latent_channels
         if unet_channels not in (latent_channels, 2 * latent_channels + 1):
-            raise ValueError(f"an inpainting UNet has {latent_channels} or {2 * latent_channels + 1} input channels, "
-                             f"this one has {unet_channels}")
+            raise ValueError(
+                f"an inpainting UNet has {latent_channels} or {2 * latent_channels + 1} input channels, "
+                f"this one has {unet_channels}"
+            )
         device = self.device
         guided = guidance_scale > 1.0
         batch = _batch_size(prompt, prompt_embeds)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            clip_skip,
+        )
         timesteps, steps = self._start(num_inference_steps, strength, device)
         n = batch * num_images_per_prompt
         self._check_generators(generator, n)
@@ -433,15 +565,20 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         shape = (n, latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             noise = randn_tensor(shape, generator, device, dtype)
-            latents = noise * self.scheduler.init_noise_sigma if full_strength else \
-                self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+            latents = (
+                noise * self.scheduler.init_noise_sigma
+                if full_strength
+                else self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+            )
         else:
             noise = latents.to(device)
             latents = noise * self.scheduler.init_noise_sigma
 
         mask = preprocess_image(mask_image, height, width, self.vae_scale_factor, mask=True)
         masked_image = init_image * (mask.to(device, dtype) < 0.5)
-        mask = F.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor)).to(device, dtype)
+        mask = F.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor)).to(
+            device, dtype
+        )
         masked_latents = self._encode_image(masked_image, generator)
         mask = self._repeat_to(mask, n, "mask_image")
         masked_latents = self._repeat_to(masked_latents, n, "image")
@@ -459,8 +596,18 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
             extra = torch.cat([extra] * 2) if guided else extra
         after_step = paste_back if plain_unet else None
 
-        latents = self._denoise(latents, timesteps, steps, prompt_embeds, negative_prompt_embeds, guidance_scale,
-                                self._step_kwargs(generator, eta), callback_on_step_end,
-                                callback_on_step_end_tensor_inputs, extra_channels=extra, after_step=after_step)
+        latents = self._denoise(
+            latents,
+            timesteps,
+            steps,
+            prompt_embeds,
+            negative_prompt_embeds,
+            guidance_scale,
+            self._step_kwargs(generator, eta),
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            extra_channels=extra,
+            after_step=after_step,
+        )
         images = self._decode(latents, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)

@@ -14,7 +14,12 @@ import torch
 
 from ..noise import randn_tensor
 from .common import (
-    DiscreteScheduler, SchedulerOutput, check_choice, register_to_config, spaced_timesteps, vp_x0_eps,
+    DiscreteScheduler,
+    SchedulerOutput,
+    check_choice,
+    register_to_config,
+    spaced_timesteps,
+    vp_x0_eps,
 )  # fmt: skip
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")

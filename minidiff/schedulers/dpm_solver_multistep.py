@@ -22,8 +22,15 @@ import torch
 
 from ..noise import randn_tensor
 from .common import (
-    SchedulerOutput, SigmaScheduler, check_choice, check_off, karras_sigmas, register_to_config, sigma_to_t,
-    solver_timesteps, vp_x0_eps,
+    SchedulerOutput,
+    SigmaScheduler,
+    check_choice,
+    check_off,
+    karras_sigmas,
+    register_to_config,
+    sigma_to_t,
+    solver_timesteps,
+    vp_x0_eps,
 )  # fmt: skip
 
 

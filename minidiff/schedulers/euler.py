@@ -15,7 +15,13 @@ import torch
 
 from ..noise import randn_tensor
 from .common import (
-    SchedulerOutput, SigmaScheduler, check_choice, check_off, register_to_config, sigma_to_t, ve_denoised,
+    SchedulerOutput,
+    SigmaScheduler,
+    check_choice,
+    check_off,
+    register_to_config,
+    sigma_to_t,
+    ve_denoised,
 )  # fmt: skip
 
 
@@ -78,7 +84,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
     ) -> None:
-        """`num_inference_steps` spaced steps, or custom descending `timesteps`, or `sigmas` (the final one included)."""
+        """`num_inference_steps` spaced steps, or custom descending `timesteps`, or `sigmas` (final one included)."""
         c = self.config
         if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas")

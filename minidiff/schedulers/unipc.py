@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from .common import (
-    SchedulerOutput, SigmaScheduler, check_choice, check_off, register_to_config, solver_timesteps, vp_x0_eps,
+    SchedulerOutput,
+    SigmaScheduler,
+    check_choice,
+    check_off,
+    register_to_config,
+    solver_timesteps,
+    vp_x0_eps,
 )  # fmt: skip
 from .dpm_solver_multistep import alpha_sigma_lambda
 
