@@ -32,7 +32,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = Path("/work/shared/reference-configs")
+# copies of the public SD 1.5 configs (shared/reference-configs), so that a machine with only this
+# repository (a GPU box with no Hub access) can make the weights
+CONFIGS = Path(__file__).resolve().parent / "configs"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("diffusers", "minidiff")
 SECTIONS = {  # name -> (component, description)
@@ -47,8 +49,9 @@ SECTIONS = {  # name -> (component, description)
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def make_weights(folder: Path) -> None:
-    """Write a full-size SD 1.5 folder with random weights (real configs) unless it exists."""
+def make_weights(folder: Path, configs: dict[str, dict] | None = None) -> None:
+    """Write a full-size SD 1.5 folder with random weights (real configs) unless it exists.
+    `configs` ({"unet", "vae", "text_encoder"} -> config dict) replaces the SD 1.5 ones (tiny models)."""
     if (folder / "model_index.json").exists():
         return
     import diffusers
@@ -57,13 +60,14 @@ def make_weights(folder: Path) -> None:
     sys.path.insert(0, str(REPO))
     from weights_conversion.clip_vocab import write_hf_tokenizer_files
 
+    configs = configs or {
+        c: json.loads((CONFIGS / f"sd-v1-5.{c}.json").read_text()) for c in ("unet", "vae", "text_encoder")
+    }
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
-    unet_cfg = json.loads((CONFIGS / "sd-v1-5.unet.json").read_text())
-    vae_cfg = json.loads((CONFIGS / "sd-v1-5.vae.json").read_text())
-    diffusers.UNet2DConditionModel.from_config(unet_cfg).save_pretrained(folder / "unet")
-    diffusers.AutoencoderKL.from_config(vae_cfg).save_pretrained(folder / "vae")
-    te_cfg = transformers.CLIPTextConfig.from_json_file(str(CONFIGS / "sd-v1-5.text_encoder.json"))
+    diffusers.UNet2DConditionModel.from_config(configs["unet"]).save_pretrained(folder / "unet")
+    diffusers.AutoencoderKL.from_config(configs["vae"]).save_pretrained(folder / "vae")
+    te_cfg = transformers.CLIPTextConfig.from_dict(configs["text_encoder"])
     transformers.CLIPTextModel(te_cfg).save_pretrained(folder / "text_encoder")
     write_hf_tokenizer_files(REPO / "minidiff/data/bpe_simple_vocab_16e6.txt.gz", folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
