@@ -140,10 +140,10 @@ def _aligned(rename: Callable[[str], str | None], ours: nn.Module, reference: nn
 def module_pairs(ours: nn.Module, reference: nn.Module, rules: Iterable[Any] | None = None) -> dict[str, str]:
     """Map each minidiff module name to the reference module that owns the same weights.
 
-    `rules` defaults to the minidiff model's converter rules (`weights_conversion.<model>.FORMAT`).
+    `rules` defaults to the minidiff model's converter rules (its `weights_format`).
     """
     if rules is None:
-        rules = type(ours)._format().rules(ours.config)
+        rules = type(ours)._format().rules(ours.config)  # TEMPORARY: .weights_format once every model has it
     ours_keys = _module_keys(ours, _aligned(_exporter(rules), ours, reference))
     by_keys: dict[frozenset[str], list[str]] = defaultdict(list)
     for name, ks in _module_keys(reference).items():

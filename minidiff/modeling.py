@@ -1,15 +1,18 @@
 """The base class of every minidiff model: from_pretrained / save_pretrained and output types.
 
-Loading is: read the foreign config -> dataclass config (weights_conversion), build the model on
-the meta device (no memory, no random init), read the weights (minidiff.loading), rename them with
-the strict converter against the meta model's exact keys and shapes, then
+Loading is: read the foreign config -> dataclass config (the model's `weights_format`, a
+weights_conversion.ModelFormat, handed the model's `config_class`), build the model on the meta
+device (no memory, no random init), read the weights (minidiff.loading), rename them with the
+strict converter against the meta model's exact keys and shapes, then
 `load_state_dict(strict=True, assign=True)`, which adopts the loaded tensors instead of copying.
+Original LDM single files go through minidiff.ldm_file, which needs only the class.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -18,6 +21,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from weights_conversion import ModelFormat
+
+from . import ldm_file
 from .loading import find_weight_files, load_config, read_state_dict
 
 
@@ -35,7 +41,7 @@ class ModelMixin(nn.Module):
     """Config handling, loading and saving shared by all models."""
 
     config_class: ClassVar[type]
-    conversion: ClassVar[str]  # module in weights_conversion that defines FORMAT
+    weights_format: ClassVar[ModelFormat]  # how the class is stored by diffusers / transformers
     # weight file stems, tried in order when loading; saving names safetensors after the first and
     # pickles after the last (transformers: model.safetensors but pytorch_model.bin)
     weights_names: ClassVar[tuple[str, ...]] = ("diffusion_pytorch_model",)
@@ -48,7 +54,7 @@ class ModelMixin(nn.Module):
         elif kwargs:
             raise TypeError("pass either a config object or keyword arguments, not both")
         elif isinstance(config, dict):
-            config = self._format().config_from_dict(config)
+            config = self._config_from_dict(config)
         elif not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
@@ -64,8 +70,19 @@ class ModelMixin(nn.Module):
             raise
 
     @classmethod
-    def _format(cls):  # -> weights_conversion.ModelFormat
-        return importlib.import_module(cls.conversion).FORMAT
+    def _format(cls) -> ModelFormat:
+        # TEMPORARY, until every model class holds its `weights_format` directly
+        fmt = getattr(cls, "weights_format", None)
+        return fmt if fmt is not None else importlib.import_module(cls.conversion).FORMAT
+
+    @classmethod
+    def _config_from_dict(cls, raw: dict[str, Any]) -> Any:
+        """A foreign (diffusers / transformers) JSON config -> this class's config dataclass."""
+        fmt = cls._format()
+        # TEMPORARY, until every format takes the config class
+        if len(inspect.signature(fmt.config_from_dict).parameters) == 1:
+            return fmt.config_from_dict(raw)
+        return fmt.config_from_dict(cls.config_class, raw)
 
     @property
     def device(self) -> torch.device:
@@ -86,10 +103,9 @@ class ModelMixin(nn.Module):
         **unused: Any,
     ):
         """Load a diffusers / transformers folder (or Hub id): config, then one weight format."""
-        fmt = cls._format()
         where = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
         raw = load_config(pretrained_model_name_or_path, subfolder, cls.config_name, local_files_only)
-        config = fmt.config_from_dict(raw)
+        config = cls._config_from_dict(raw)
         files = find_weight_files(
             pretrained_model_name_or_path, subfolder, cls.weights_names, variant, local_files_only
         )
@@ -103,7 +119,7 @@ class ModelMixin(nn.Module):
         state_dict: dict[str, torch.Tensor],
         torch_dtype: torch.dtype | None = None,
         what: str = "",
-        fmt: Any = None,
+        fmt: ModelFormat | None = None,
     ):
         """Build on the meta device, rename strictly against its exact keys/shapes, adopt the tensors.
         `fmt` is another weights_conversion format than the class's own (e.g. the LDM single-file one)."""
@@ -122,10 +138,8 @@ class ModelMixin(nn.Module):
         prediction_type: str | None = None,
     ):
         """Load this model out of an original CompVis / LDM single file (.safetensors or .ckpt),
-        its config inferred from the tensors' shapes, offline. See minidiff.single_file."""
-        from .single_file import load_model
-
-        return load_model(cls, path, torch_dtype=torch_dtype, use_ema=use_ema, prediction_type=prediction_type)
+        its config inferred from the tensors' shapes, offline. See minidiff.ldm_file."""
+        return ldm_file.load_model(cls, path, torch_dtype=torch_dtype, use_ema=use_ema, prediction_type=prediction_type)
 
     def _adopt(self, state_dict: dict[str, torch.Tensor], torch_dtype: torch.dtype | None):
         # diffusers loads in float32 unless told otherwise, whatever the file's dtype

@@ -31,6 +31,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from weights_conversion.clip_vocab import vocab_and_merges  # OpenAI's BPE file format lives there
+
 from .loading import CheckpointError, load_json, resolve_file
 
 BOS_TOKEN = "<|startoftext|>"
@@ -238,8 +240,6 @@ class CLIPTokenizer:
     ) -> CLIPTokenizer:
         """The CLIP ViT-L/14 tokenizer (SD1; pad_token="!" for SD2) from OpenAI's BPE file shipped
         with minidiff: for checkpoints that come without a tokenizer folder."""
-        from weights_conversion.clip_vocab import vocab_and_merges  # OpenAI's file format lives there
-
         vocab, merges = vocab_and_merges(_DEFAULT_VOCAB)
         return cls(vocab, merges, pad_token=pad_token, model_max_length=model_max_length)
 

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from weights_conversion.clip_vocab import vocab_and_merges  # OpenAI's BPE file format lives there
+
 from . import shapes
 from .autoencoder_kl import AutoencoderKL
 from .clip_text import CLIPTextModel
@@ -66,8 +68,6 @@ class TrainConfig:
 
 def toy_tokenizer() -> CLIPTokenizer:
     """CLIP's tokenizer cut down to the grammar's words: the same tokens, a 0.5k vocabulary."""
-    from weights_conversion.clip_vocab import vocab_and_merges  # OpenAI's BPE file format lives there
-
     full_vocab, merges = vocab_and_merges(_DEFAULT_VOCAB)
     rank = {m: i for i, m in enumerate(merges)}
     used: set[tuple[str, str]] = set()

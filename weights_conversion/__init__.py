@@ -2,7 +2,10 @@
 
 Each model has a module here defining `FORMAT`, a `ModelFormat`: its rename rules (foreign ->
 minidiff), the keys deliberately dropped, and its config translation both ways. The model class
-names that module in its `conversion` attribute; `minidiff.modeling` does the rest.
+holds it as `weights_format`; `minidiff.modeling` does the rest.
+
+This package imports nothing from minidiff: it is handed the model's config dataclass
+(`FORMAT.config_from_dict(UNet2DConditionConfig, raw)`), so the models can import their formats.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class ModelFormat:
 
     class_name: str  # the `_class_name` written into config.json
     rules: Callable[[Any], list[Rule]]  # config -> rename rules (rules may depend on the config)
-    config_from_dict: Callable[[Mapping[str, Any]], Any]
+    config_from_dict: Callable[[type, Mapping[str, Any]], Any]  # (config class, foreign JSON) -> config
     config_to_dict: Callable[[Any], dict[str, Any]]
     ignore: tuple[str, ...] = ()  # source key templates dropped on purpose
     # optional whole-dict rewrites around the renaming (e.g. splitting a fused tensor)

@@ -2,8 +2,9 @@
 
 A diffusers pipeline folder has `model_index.json` naming, for each component, the library and
 class that stores it (`"unet": ["diffusers", "UNet2DConditionModel"]`) and a subfolder of the same
-name. minidiff maps those class names onto its own classes, loads each subfolder, and picks the
-pipeline class from `_class_name` when called as `DiffusionPipeline.from_pretrained`.
+name. minidiff maps those class names onto its own classes (COMPONENT_CLASSES), loads each
+subfolder, and picks the pipeline class from `_class_name` when called as
+`DiffusionPipeline.from_pretrained` (every subclass registers itself by name when it is defined).
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from weights_conversion.configs import DIFFUSERS_VERSION
+
+from ..autoencoder_kl import AutoencoderKL
+from ..clip_text import CLIPTextModel
 from ..loading import load_config
 from ..modeling import BaseOutput
+from ..schedulers import SCHEDULERS
+from ..tokenizer import CLIPTokenizer
+from ..unet_2d import UNet2DModel
+from ..unet_2d_condition import UNet2DConditionModel
 
 # components a diffusers folder may list that minidiff does not run (and does not need)
 OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
@@ -41,31 +50,19 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(im) for im in images]
 
 
-def _component_classes() -> dict[str, type]:
-    """diffusers / transformers class names -> the minidiff classes that read them."""
-    import minidiff
+# diffusers / transformers class names -> the minidiff classes that read them
+COMPONENT_CLASSES: dict[str, type] = {
+    "UNet2DModel": UNet2DModel,
+    "UNet2DConditionModel": UNet2DConditionModel,
+    "AutoencoderKL": AutoencoderKL,
+    "CLIPTextModel": CLIPTextModel,
+    "CLIPTokenizer": CLIPTokenizer,
+    "CLIPTokenizerFast": CLIPTokenizer,  # same files, same ids
+    **SCHEDULERS,
+}
 
-    names = [
-        "UNet2DModel",
-        "UNet2DConditionModel",
-        "AutoencoderKL",
-        "CLIPTextModel",
-        "CLIPTokenizer",
-        *getattr(minidiff, "SCHEDULERS", {}).keys(),
-    ]
-    classes = {n: getattr(minidiff, n) for n in names if hasattr(minidiff, n)}
-    classes["CLIPTokenizerFast"] = classes.get("CLIPTokenizer")  # same files, same ids
-    return {k: v for k, v in classes.items() if v is not None}
-
-
-def _pipeline_classes() -> dict[str, type]:
-    import minidiff.pipelines as pipelines
-
-    return {
-        name: getattr(pipelines, name)
-        for name in pipelines.__all__
-        if name.endswith("Pipeline") and name != "DiffusionPipeline"
-    }
+# pipeline class names (model_index.json's `_class_name`) -> classes; filled by __init_subclass__
+PIPELINES: dict[str, type[DiffusionPipeline]] = {}
 
 
 class DiffusionPipeline:
@@ -73,6 +70,10 @@ class DiffusionPipeline:
 
     component_names: ClassVar[tuple[str, ...]] = ()
     optional_components: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        PIPELINES[cls.__name__] = cls
 
     def __init__(self, **components: Any) -> None:
         for name in self.component_names:
@@ -98,13 +99,13 @@ class DiffusionPipeline:
         pipeline_cls = cls
         if cls is DiffusionPipeline:
             name = index.get("_class_name")
-            pipeline_cls = _pipeline_classes().get(name)  # type: ignore[assignment]
+            pipeline_cls = PIPELINES.get(name)  # type: ignore[assignment]
             if pipeline_cls is None:
                 raise ValueError(
                     f"{path}/model_index.json names the pipeline {name!r}, which minidiff does not have "
-                    f"(it has {sorted(_pipeline_classes())})"
+                    f"(it has {sorted(PIPELINES)})"
                 )
-        known = _component_classes()
+        known = COMPONENT_CLASSES
         components: dict[str, Any] = {}
         for name in pipeline_cls.component_names:
             if name in overrides:
@@ -136,8 +137,6 @@ class DiffusionPipeline:
         """Write model_index.json and one subfolder per component, in the diffusers layout."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        from weights_conversion.configs import DIFFUSERS_VERSION
-
         index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION}
         for name in self.component_names:
             component = getattr(self, name)
