@@ -489,7 +489,7 @@ _BAD_OPTIONS = [
 # only the options each class has (e.g. the sigma-based schedulers have no thresholding)
 @pytest.mark.parametrize(
     "name,key,value",
-    [(n, k, v) for n, cls in ms.SCHEDULERS.items() for k, v in _BAD_OPTIONS if k in cls.__init__.config_keys],
+    [(n, k, v) for n, cls in ms.SCHEDULERS.items() for k, v in _BAD_OPTIONS if k in cls.config_keys()],
 )
 def test_bad_options(name, key, value):
     cls = getattr(ms, name)

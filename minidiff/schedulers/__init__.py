@@ -2,9 +2,13 @@
 
 `SCHEDULERS` maps each class name to its class (the CLI lists these names). Every class takes
 diffusers' config keys, and `Other.from_config(scheduler.config)` swaps one for another.
+
+Reading order: schedule.py (the maths of β, ᾱ and σ), config.py (the keys, one frozen dataclass
+per scheduler), base.py (config IO and the loop state), then one file per algorithm.
 """
 
-from .common import SchedulerMixin, SchedulerOutput
+from .base import SchedulerMixin, SchedulerOutput
+from .config import NoiseScheduleConfig
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_solver_multistep import DPMSolverMultistepScheduler
@@ -30,4 +34,4 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     )
 }
 
-__all__ = [*SCHEDULERS, "SCHEDULERS", "SchedulerMixin", "SchedulerOutput"]
+__all__ = [*SCHEDULERS, "SCHEDULERS", "NoiseScheduleConfig", "SchedulerMixin", "SchedulerOutput"]

@@ -8,51 +8,42 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .common import DiscreteScheduler, SchedulerOutput, register_to_config, spaced_timesteps, vp_x0_eps
+from .base import DiscreteScheduler, SchedulerOutput
+from .config import TIMESTEP_SPACINGS, NoiseScheduleConfig, ThresholdingKeys, one_of
+from .schedule import spaced_timesteps, vp_x0_eps
+
+
+@dataclass(frozen=True)
+class DDIMConfig(ThresholdingKeys, NoiseScheduleConfig):
+    timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
+    clip_sample: bool = True  # clamp x̂_0 to ±clip_sample_range
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True  # ᾱ "before" step 0: 1 (a clean x_0) or ᾱ_0 as the original implementation had it
+    rescale_betas_zero_snr: bool = False
 
 
 class DDIMScheduler(DiscreteScheduler):
     """Denoising Diffusion Implicit Models (Song et al., 2021)."""
 
+    config_class = DDIMConfig
     order = 1
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        clip_sample: bool = True,
-        set_alpha_to_one: bool = True,
-        steps_offset: int = 0,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        clip_sample_range: float = 1.0,
-        sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
-        rescale_betas_zero_snr: bool = False,
-    ) -> None:
-        self._init_noise_schedule()
-        self._check_common()
-        # ᾱ "before" step 0: 1 (a clean x_0) or ᾱ_0 as the original implementation had it
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.num_inference_steps = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self.num_inference_steps = self._check_num_steps(num_inference_steps)
         c = self.config
         n, T = self.num_inference_steps, c.num_train_timesteps
-        ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset, type(self).__name__)
+        ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset)
         self.timesteps = torch.from_numpy(ts.round().astype(np.int64)).to(device)
 
     def step(

@@ -7,56 +7,41 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .common import (
-    DiscreteScheduler,
-    SchedulerOutput,
-    check_choice,
-    register_to_config,
-    spaced_timesteps,
-    vp_x0_eps,
-)  # fmt: skip
+from .base import DiscreteScheduler, SchedulerOutput
+from .config import BETA_SCHEDULES, TIMESTEP_SPACINGS, NoiseScheduleConfig, ThresholdingKeys, one_of
+from .schedule import spaced_timesteps, vp_x0_eps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+
+@dataclass(frozen=True)
+class DDPMConfig(ThresholdingKeys, NoiseScheduleConfig):
+    beta_schedule: str = one_of("linear", (*BETA_SCHEDULES, "sigmoid"))
+    timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
+    variance_type: str = one_of("fixed_small", VARIANCE_TYPES)  # the std of the noise added at each step
+    clip_sample: bool = True  # clamp x̂_0 to ±clip_sample_range
+    clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False
 
 
 class DDPMScheduler(DiscreteScheduler):
     """Denoising Diffusion Probabilistic Models (Ho et al., 2020), with sub-sampled timesteps."""
 
+    config_class = DDPMConfig
     order = 1
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        variance_type: str = "fixed_small",
-        clip_sample: bool = True,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        clip_sample_range: float = 1.0,
-        sample_max_value: float = 1.0,
-        timestep_spacing: str = "leading",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-    ) -> None:
-        self._init_noise_schedule(schedules=("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"))
-        self._check_common()
-        check_choice("variance_type", variance_type, VARIANCE_TYPES, type(self).__name__)
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
         self.one = torch.tensor(1.0)
         self.custom_timesteps = False
-        self.num_inference_steps = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
-        self.variance_type = variance_type
+        self.variance_type = self.config.variance_type
 
     def set_timesteps(
         self,
@@ -78,7 +63,7 @@ class DDPMScheduler(DiscreteScheduler):
         else:
             self.num_inference_steps = self._check_num_steps(num_inference_steps)
             c = self.config
-            ts = spaced_timesteps(c.timestep_spacing, self.num_inference_steps, T, c.steps_offset, type(self).__name__)
+            ts = spaced_timesteps(c.timestep_spacing, self.num_inference_steps, T, c.steps_offset)
             ts = ts.round().astype(np.int64)
         self.custom_timesteps = timesteps is not None
         self.timesteps = torch.from_numpy(ts).to(device)

@@ -15,94 +15,46 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .common import (
-    SchedulerOutput,
-    SigmaScheduler,
-    check_choice,
-    check_off,
-    karras_sigmas,
-    register_to_config,
-    sigma_to_t,
-    solver_timesteps,
-    vp_x0_eps,
-)  # fmt: skip
+from .base import SchedulerOutput, SigmaScheduler
+from .config import FINAL_SIGMAS_TYPES, FlowKeys, NoiseScheduleConfig, SigmaKeys, ThresholdingKeys, one_of
+from .schedule import alpha_sigma_lambda, karras_sigmas, sigma_to_t, solver_timesteps, vp_x0_eps
 
 
-def alpha_sigma_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(α_t, σ_t, λ_t) of the VP process at the VE noise level σ."""
-    alpha_t = 1 / (sigma**2 + 1) ** 0.5
-    sigma_t = sigma * alpha_t
-    return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
+@dataclass(frozen=True)
+class DPMSolverMultistepConfig(FlowKeys, SigmaKeys, ThresholdingKeys, NoiseScheduleConfig):
+    solver_order: int = one_of(2, (1, 2, 3))
+    # configs of sibling solvers carry their own names: they are mapped as diffusers maps them
+    algorithm_type: str = one_of("dpmsolver++", ("dpmsolver++", "sde-dpmsolver++"), {"deis": "dpmsolver++"})
+    solver_type: str = one_of("midpoint", ("midpoint", "heun"), dict.fromkeys(("logrho", "bh1", "bh2"), "midpoint"))
+    lower_order_final: bool = True  # first / second order for the last steps when there are fewer than 15
+    euler_at_final: bool = False
+    use_lu_lambdas: bool = False  # σ's evenly spaced in λ
+    final_sigmas_type: str = one_of("zero", FINAL_SIGMAS_TYPES)  # the σ after the last step: 0 or σ_min
+    lambda_min_clipped: float = -float("inf")  # leave out the steps whose λ is below this (cosine schedules)
+    variance_type: str | None = None  # "learned" / "learned_range": the model output carries extra channels
+    rescale_betas_zero_snr: bool = False
 
 
 class DPMSolverMultistepScheduler(SigmaScheduler):
     """DPM-Solver++ multistep, ODE and SDE (Lu et al., 2022)."""
 
+    config_class = DPMSolverMultistepConfig
     order = 1
     _unknown_timestep_is_last = True
     _variance_preserving = True
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        algorithm_type: str = "dpmsolver++",
-        solver_type: str = "midpoint",
-        lower_order_final: bool = True,
-        euler_at_final: bool = False,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        use_lu_lambdas: bool = False,
-        use_flow_sigmas: bool = False,
-        flow_shift: float = 1.0,
-        final_sigmas_type: str = "zero",
-        lambda_min_clipped: float = -float("inf"),
-        variance_type: str | None = None,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-    ) -> None:
-        name = type(self).__name__
-        # configs of sibling solvers carry their own names: map them as diffusers does
-        if algorithm_type == "deis":
-            self._replace_config(algorithm_type="dpmsolver++")
-        if solver_type in ("logrho", "bh1", "bh2"):
-            self._replace_config(solver_type="midpoint")
-        c = self.config
-        self._init_noise_schedule()
-        self._check_common()
-        check_choice("algorithm_type", c.algorithm_type, ("dpmsolver++", "sde-dpmsolver++"), name)
-        check_choice("solver_type", c.solver_type, ("midpoint", "heun"), name)
-        check_choice("solver_order", solver_order, (1, 2, 3), name)
-        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), name)
-        check_off(
-            name, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas,
-            use_flow_sigmas=use_flow_sigmas, use_dynamic_shifting=use_dynamic_shifting,
-        )  # fmt: skip
-        if use_karras_sigmas and use_lu_lambdas:
-            raise ValueError(f"{name}: use_karras_sigmas and use_lu_lambdas cannot both be set")
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        if self.config.use_karras_sigmas and self.config.use_lu_lambdas:
+            raise ValueError(f"{type(self).__name__}: use_karras_sigmas and use_lu_lambdas cannot both be set")
         self.lambda_t = torch.log(self.alphas_cumprod.sqrt()) - torch.log((1 - self.alphas_cumprod).sqrt())
-        self.num_inference_steps = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
-        self.sigmas = torch.from_numpy(self.train_sigmas)
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -115,7 +67,7 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         n = self._check_num_steps(num_inference_steps)
         # leave out the end of the schedule whose log-SNR is below lambda_min_clipped (for cosine schedules)
         clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
-        ts = solver_timesteps(c.timestep_spacing, n, T, c.steps_offset, T - clipped, type(self).__name__)
+        ts = solver_timesteps(c.timestep_spacing, n, T, c.steps_offset, T - clipped)
         train = self.train_sigmas
         if c.use_karras_sigmas or c.use_lu_lambdas:
             if c.use_karras_sigmas:

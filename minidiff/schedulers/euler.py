@@ -8,67 +8,36 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .common import (
-    SchedulerOutput,
-    SigmaScheduler,
-    check_choice,
-    check_off,
-    register_to_config,
-    sigma_to_t,
-    ve_denoised,
-)  # fmt: skip
+from .base import SchedulerOutput, SigmaScheduler, reject_step_indices
+from .config import FINAL_SIGMAS_TYPES, NoiseScheduleConfig, SigmaKeys, one_of
+from .schedule import sigma_to_t, ve_denoised
 
 
-def reject_step_indices(timestep: Any, owner: str) -> None:
-    """Sigma samplers take the timestep value, not the loop index: catch the `enumerate` mistake."""
-    if isinstance(timestep, int) or (isinstance(timestep, torch.Tensor) and not timestep.is_floating_point()):
-        raise ValueError(
-            f"{owner}.step() got an integer timestep ({timestep}); pass an element of scheduler.timesteps "
-            "(floats), not a loop index"
-        )
+@dataclass(frozen=True)
+class EulerDiscreteConfig(SigmaKeys, NoiseScheduleConfig):
+    interpolation_type: str = one_of("linear", ("linear", "log_linear"))  # σ between the spaced t's
+    sigma_min: float | None = None  # the Karras σ range, when set
+    sigma_max: float | None = None
+    timestep_type: str = one_of("discrete", ("discrete", "continuous"))
+    rescale_betas_zero_snr: bool = False
+    final_sigmas_type: str = one_of("zero", FINAL_SIGMAS_TYPES)  # the σ after the last step: 0 or σ_min
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
     """Euler sampler in σ (Karras et al., 2022, Algorithm 2 with first-order steps)."""
 
+    config_class = EulerDiscreteConfig
     order = 1
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        prediction_type: str = "epsilon",
-        interpolation_type: str = "linear",
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        timestep_spacing: str = "linspace",
-        timestep_type: str = "discrete",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-        final_sigmas_type: str = "zero",
-    ) -> None:
-        name = type(self).__name__
-        self._init_noise_schedule()
-        self._check_common()
-        check_choice("interpolation_type", interpolation_type, ("linear", "log_linear"), name)
-        check_choice("timestep_type", timestep_type, ("discrete", "continuous"), name)
-        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), name)
-        check_off(name, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas)
-        self.num_inference_steps = None
-        self._set_training_table()
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
         if self._continuous_timesteps:
             self.timesteps = 0.25 * self.sigmas[:-1].log()
 

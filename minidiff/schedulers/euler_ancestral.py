@@ -9,38 +9,28 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .common import SchedulerOutput, SigmaScheduler, register_to_config, ve_denoised
-from .euler import reject_step_indices
+from .base import SchedulerOutput, SigmaScheduler, reject_step_indices
+from .config import NoiseScheduleConfig, one_of
+from .schedule import ve_denoised
+
+
+@dataclass(frozen=True)
+class EulerAncestralDiscreteConfig(NoiseScheduleConfig):
+    prediction_type: str = one_of("epsilon", ("epsilon", "v_prediction"))  # diffusers has no "sample" here either
+    rescale_betas_zero_snr: bool = False
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """Euler ancestral sampler (k-diffusion's sample_euler_ancestral; Ho et al., 2020)."""
 
+    config_class = EulerAncestralDiscreteConfig
     order = 1
-
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        rescale_betas_zero_snr: bool = False,
-    ) -> None:
-        self._init_noise_schedule()
-        self._check_common(predictions=("epsilon", "v_prediction"))  # diffusers has no "sample" here either
-        self.num_inference_steps = None
-        self._set_training_table()
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self.num_inference_steps = self._check_num_steps(num_inference_steps)

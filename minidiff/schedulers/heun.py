@@ -10,41 +10,34 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .common import SchedulerOutput, SigmaScheduler, check_off, register_to_config, ve_denoised
+from .base import SchedulerOutput, SigmaScheduler
+from .config import BETA_SCHEDULES, NoiseScheduleConfig, SigmaKeys, one_of
+from .schedule import ve_denoised
+
+
+@dataclass(frozen=True)
+class HeunDiscreteConfig(SigmaKeys, NoiseScheduleConfig):
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = one_of("linear", (*BETA_SCHEDULES, "exp"))
+    clip_sample: bool = False  # clamp x̂_0 to ±clip_sample_range
+    clip_sample_range: float = 1.0
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
     """Heun's second-order sampler in σ (Karras et al., 2022, Algorithm 1)."""
 
+    config_class = HeunDiscreteConfig
     order = 2
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        prediction_type: str = "epsilon",
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        clip_sample: bool = False,
-        clip_sample_range: float = 1.0,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ) -> None:
-        self._init_noise_schedule(schedules=("linear", "scaled_linear", "squaredcos_cap_v2", "exp"))
-        self._check_common()
-        check_off(type(self).__name__, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas)
-        self.num_inference_steps = None
-        self._set_training_table()
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
         self._reset_stage()
 
     def _reset_stage(self) -> None:

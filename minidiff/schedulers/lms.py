@@ -11,12 +11,20 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .common import SchedulerOutput, SigmaScheduler, check_off, register_to_config, ve_denoised
+from .base import SchedulerOutput, SigmaScheduler
+from .config import NoiseScheduleConfig, SigmaKeys
+from .schedule import ve_denoised
+
+
+@dataclass(frozen=True)
+class LMSDiscreteConfig(SigmaKeys, NoiseScheduleConfig):
+    """LMS takes the shared keys and the σ-spacing ones."""
 
 
 def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
@@ -34,28 +42,11 @@ def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
 class LMSDiscreteScheduler(SigmaScheduler):
     """Linear multistep sampler in σ (Karras et al., 2022; k-diffusion's sample_lms)."""
 
+    config_class = LMSDiscreteConfig
     order = 1
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-    ) -> None:
-        self._init_noise_schedule()
-        self._check_common()
-        check_off(type(self).__name__, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas)
-        self.num_inference_steps = None
-        self._set_training_table()
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
         self.derivatives: list[torch.Tensor] = []
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:

@@ -15,38 +15,35 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .common import DiscreteScheduler, SchedulerOutput, register_to_config, spaced_timesteps
+from .base import DiscreteScheduler, SchedulerOutput
+from .config import TIMESTEP_SPACINGS, NoiseScheduleConfig, one_of
+from .schedule import spaced_timesteps
+
+
+@dataclass(frozen=True)
+class PNDMConfig(NoiseScheduleConfig):
+    prediction_type: str = one_of("epsilon", ("epsilon", "v_prediction"))
+    timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
+    skip_prk_steps: bool = False  # PLMS only (Stable Diffusion's "PLMS" sampler)
+    set_alpha_to_one: bool = False  # ᾱ "before" step 0: 1 or ᾱ_0
 
 
 class PNDMScheduler(DiscreteScheduler):
     """Pseudo Numerical methods for Diffusion Models: PRK warm-up + PLMS (Liu et al., 2022)."""
 
+    config_class = PNDMConfig
     order = 1
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        skip_prk_steps: bool = False,
-        set_alpha_to_one: bool = False,
-        prediction_type: str = "epsilon",
-        timestep_spacing: str = "leading",
-        steps_offset: int = 0,
-    ) -> None:
-        self._init_noise_schedule()
-        self._check_common(predictions=("epsilon", "v_prediction"))
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
         self.pndm_order = 4
-        self.num_inference_steps = None
         self.timesteps = None
         self.prk_timesteps: np.ndarray | None = None
         self.plms_timesteps: np.ndarray | None = None
@@ -62,7 +59,7 @@ class PNDMScheduler(DiscreteScheduler):
         n = self.num_inference_steps = self._check_num_steps(num_inference_steps)
         c = self.config
         T = c.num_train_timesteps
-        ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset, "PNDMScheduler").round().astype(np.int64)
+        ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset).round().astype(np.int64)
         if c.skip_prk_steps:
             # the second step is evaluated twice (a Heun-like warm-up): [t0, t1, t1, t2, ...]
             self.prk_timesteps = np.array([], dtype=np.int64)

@@ -15,81 +15,53 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .common import (
-    SchedulerOutput,
-    SigmaScheduler,
-    check_choice,
-    check_off,
-    register_to_config,
-    solver_timesteps,
-    vp_x0_eps,
-)  # fmt: skip
-from .dpm_solver_multistep import alpha_sigma_lambda
+from .base import SchedulerOutput, SigmaScheduler
+from .config import (
+    FINAL_SIGMAS_TYPES,
+    FlowKeys,
+    NoiseScheduleConfig,
+    SigmaKeys,
+    ThresholdingKeys,
+    not_implemented,
+    one_of,
+)
+from .schedule import alpha_sigma_lambda, solver_timesteps, vp_x0_eps
+
+
+@dataclass(frozen=True)
+class UniPCMultistepConfig(FlowKeys, SigmaKeys, ThresholdingKeys, NoiseScheduleConfig):
+    solver_order: int = one_of(2, (1, 2, 3))
+    predict_x0: bool = True  # the solver's variable: x̂_0, or ε̂
+    # B(h); a DPM-Solver / DEIS config's solver_type is mapped as diffusers maps it
+    solver_type: str = one_of("bh2", ("bh1", "bh2"), dict.fromkeys(("midpoint", "heun", "logrho"), "bh2"))
+    lower_order_final: bool = True  # never a higher order than the steps left
+    disable_corrector: list[int] = field(default_factory=list)  # step indices that skip UniC
+    solver_p: Any = not_implemented(None)
+    final_sigmas_type: str = one_of("zero", FINAL_SIGMAS_TYPES)  # the σ after the last step: 0 or σ_min
+    rescale_betas_zero_snr: bool = False
+    sigma_min: float | None = None  # the Karras σ range, when set
+    sigma_max: float | None = None
+    shift_terminal: float | None = not_implemented(None)
 
 
 class UniPCMultistepScheduler(SigmaScheduler):
     """UniPC multistep predictor-corrector, bh1 / bh2 (Zhao et al., 2023)."""
 
+    config_class = UniPCMultistepConfig
     order = 1
     _unknown_timestep_is_last = True
     _variance_preserving = True
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.0001,
-        beta_end: float = 0.02,
-        beta_schedule: str = "linear",
-        trained_betas: Any = None,
-        solver_order: int = 2,
-        prediction_type: str = "epsilon",
-        thresholding: bool = False,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-        predict_x0: bool = True,
-        solver_type: str = "bh2",
-        lower_order_final: bool = True,
-        disable_corrector: list[int] = [],  # noqa: B006 (diffusers' default, never mutated)
-        solver_p: Any = None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        use_flow_sigmas: bool = False,
-        flow_shift: float = 1.0,
-        timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
-        final_sigmas_type: str = "zero",
-        rescale_betas_zero_snr: bool = False,
-        use_dynamic_shifting: bool = False,
-        time_shift_type: str = "exponential",
-        sigma_min: float | None = None,
-        sigma_max: float | None = None,
-        shift_terminal: float | None = None,
-    ) -> None:
-        name = type(self).__name__
-        if solver_type in ("midpoint", "heun", "logrho"):  # a DPM-Solver / DEIS config: diffusers maps it
-            self._replace_config(solver_type="bh2")
-        self._init_noise_schedule()
-        self._check_common()
-        check_choice("solver_type", self.config.solver_type, ("bh1", "bh2"), name)
-        check_choice("solver_order", solver_order, (1, 2, 3), name)
-        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"), name)
-        check_off(
-            name, solver_p=solver_p, use_exponential_sigmas=use_exponential_sigmas, use_beta_sigmas=use_beta_sigmas,
-            use_flow_sigmas=use_flow_sigmas, use_dynamic_shifting=use_dynamic_shifting,
-            shift_terminal=shift_terminal is not None,
-        )  # fmt: skip
-        self.predict_x0 = predict_x0
-        self.disable_corrector = list(disable_corrector)
-        self.num_inference_steps = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32)
-        self.sigmas = torch.from_numpy(self.train_sigmas)
+    def __init__(self, **config: Any) -> None:
+        super().__init__(**config)
+        self.predict_x0 = self.config.predict_x0
+        self.disable_corrector = list(self.config.disable_corrector)
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -101,7 +73,7 @@ class UniPCMultistepScheduler(SigmaScheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         c = self.config
         n = self._check_num_steps(num_inference_steps)
-        ts = solver_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset, owner=type(self).__name__)
+        ts = solver_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         train = self.train_sigmas
         if c.use_karras_sigmas:
             sigmas, ts = self._karras(train[0].item(), train[-1].item(), n)
