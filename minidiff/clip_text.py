@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weights_conversion.clip_text import FORMAT
+
 from .config import ConfigBase
 from .layers import Attention
 from .modeling import BaseOutput, ModelMixin
@@ -117,7 +119,7 @@ class CLIPTextModel(ModelMixin):
     """CLIP's text transformer. `model(input_ids)[0]` is what Stable Diffusion conditions on."""
 
     config_class = CLIPTextConfig
-    conversion = "weights_conversion.clip_text"
+    weights_format = FORMAT
     # transformers' file names: model.safetensors, pytorch_model.bin
     weights_names = ("model", "pytorch_model")
     config: CLIPTextConfig

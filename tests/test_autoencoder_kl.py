@@ -163,12 +163,12 @@ def test_unsupported_config_is_refused_by_name():
 
 
 def test_missing_config_keys_mean_diffusers_defaults():
-    ours = AutoencoderKL._format().config_from_dict({"_class_name": "AutoencoderKL"})
+    ours = AutoencoderKL._config_from_dict({"_class_name": "AutoencoderKL"})
     defaults = inspect.signature(diffusers.AutoencoderKL.__init__).parameters
     for f in dataclasses.fields(ours):
         default = defaults[f.name].default
         assert getattr(ours, f.name) == (tuple(default) if isinstance(default, list) else default), f.name
-    sd15 = AutoencoderKL._format().config_from_dict(reference_config("sd-v1-5.vae"))
+    sd15 = AutoencoderKL._config_from_dict(reference_config("sd-v1-5.vae"))
     assert sd15.scaling_factor == 0.18215 and sd15.layers_per_block == 2
 
 

@@ -330,16 +330,16 @@ def test_bad_configs():
     with pytest.raises(ValueError, match="not a multiple"):
         CLIPTextConfig(hidden_size=100, num_attention_heads=12)
     with pytest.raises(ValueError, match="clip_vision_model"):
-        FORMAT.config_from_dict({"model_type": "clip_vision_model", "hidden_size": 32})
+        FORMAT.config_from_dict(CLIPTextConfig, {"model_type": "clip_vision_model", "hidden_size": 32})
     with pytest.raises(ValueError, match="eos_token_id must be one integer"):
-        FORMAT.config_from_dict({"eos_token_id": [2, 3]})
+        FORMAT.config_from_dict(CLIPTextConfig, {"eos_token_id": [2, 3]})
 
 
 def test_config_translation():
     # keys a config leaves out take transformers' defaults, not minidiff's SD1.5 ones
-    assert FORMAT.config_from_dict({}).eos_token_id == 49407
-    assert FORMAT.config_from_dict({}).hidden_size == 512
-    assert FORMAT.config_from_dict(reference_config("sd-v2-1.text_encoder")) == CLIPTextConfig(
+    assert FORMAT.config_from_dict(CLIPTextConfig, {}).eos_token_id == 49407
+    assert FORMAT.config_from_dict(CLIPTextConfig, {}).hidden_size == 512
+    assert FORMAT.config_from_dict(CLIPTextConfig, reference_config("sd-v2-1.text_encoder")) == CLIPTextConfig(
         hidden_size=1024,
         intermediate_size=4096,
         num_hidden_layers=23,
@@ -349,14 +349,14 @@ def test_config_translation():
     )
     # the old CLIPConfig spelling: `text_config_dict` wins over `text_config`
     nested = {"model_type": "clip", "text_config": {"hidden_size": 64}, "text_config_dict": {"hidden_size": 768}}
-    assert FORMAT.config_from_dict(nested).hidden_size == 768
+    assert FORMAT.config_from_dict(CLIPTextConfig, nested).hidden_size == 768
     assert CLIPTextModel(config=reference_config("sd-v1-5.text_encoder")).config == CLIPTextConfig()
 
 
 def test_strict_conversion_names_the_bad_key(tiny):
     _, _, path = tiny
     sd = load_file(str(path / "model.safetensors"))
-    config = FORMAT.config_from_dict(json.loads((path / "config.json").read_text()))
+    config = FORMAT.config_from_dict(CLIPTextConfig, json.loads((path / "config.json").read_text()))
     with pytest.raises(ConversionError, match=r"no rule for 1 key\(s\): pooler\.dense\.weight"):
         CLIPTextModel.from_foreign_state_dict(config, {**sd, "pooler.dense.weight": torch.zeros(1)})
     with pytest.raises(ConversionError, match=r"unexpected 1 key\(s\): layers\.0\.self_attn\.extra_proj\.weight"):

@@ -182,7 +182,7 @@ def test_unsupported_config_is_refused_by_name(change):
 
 def test_missing_config_keys_mean_diffusers_defaults():
     """A config.json without a key means diffusers' default for it, not minidiff's SD1.5 default."""
-    ours = UNet2DConditionModel._format().config_from_dict({"_class_name": "UNet2DConditionModel"})
+    ours = UNet2DConditionModel._config_from_dict({"_class_name": "UNet2DConditionModel"})
     defaults = inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters
     for f in dataclasses.fields(ours):
         default = defaults[f.name].default
@@ -190,7 +190,7 @@ def test_missing_config_keys_mean_diffusers_defaults():
 
 
 def test_attention_head_dim_counts_heads():
-    sd2 = UNet2DConditionModel._format().config_from_dict(reference_config("sd-v2-1.unet"))
+    sd2 = UNet2DConditionModel._config_from_dict(reference_config("sd-v2-1.unet"))
     with torch.device("meta"):
         model = UNet2DConditionModel(sd2)
     heads = [

@@ -1,4 +1,4 @@
-"""diffusers AutoencoderKL <-> minidiff.autoencoder_kl.AutoencoderKL.
+"""diffusers AutoencoderKL <-> minidiff.autoencoder_kl.AutoencoderKL: weights and config.
 
 Deviations from diffusers' names (everything else is kept as it is):
   {encoder,decoder}.mid_block.attentions.0.         ->  {encoder,decoder}.mid_block.attention.
@@ -53,10 +53,8 @@ def rules(config: Any = None) -> list[Rule]:
     ]
 
 
-def _config_from_dict(raw: Mapping[str, Any]):
-    from minidiff.autoencoder_kl import AutoencoderKLConfig
-
-    return config_from_dict(AutoencoderKLConfig, {**DIFFUSERS_DEFAULTS, **raw}, what="AutoencoderKL config")
+def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:
+    return config_from_dict(config_class, raw, "AutoencoderKL", defaults=DIFFUSERS_DEFAULTS)
 
 
 FORMAT = ModelFormat(

@@ -69,9 +69,7 @@ def rules(config: Any = None) -> list[Rule]:
     return [*_layout(PREFIX, legacy=False), *_layout("", legacy=True)]
 
 
-def _config_from_dict(raw: Mapping[str, Any]):
-    from minidiff.clip_text import CLIPTextConfig
-
+def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:
     model_type = raw.get("model_type")
     if model_type == "clip" or "text_config" in raw or "text_config_dict" in raw:
         # a full CLIPConfig: the text tower's settings are nested; the old `text_config_dict`
@@ -83,7 +81,7 @@ def _config_from_dict(raw: Mapping[str, Any]):
         model_type = raw.get("model_type")
     if model_type not in (None, "clip_text_model"):
         raise ValueError(f"CLIPTextModel: the config is for model_type={model_type!r}, not a CLIP text model")
-    return config_from_dict(CLIPTextConfig, {**TRANSFORMERS_DEFAULTS, **raw}, what="CLIPTextModel config")
+    return config_from_dict(config_class, raw, "CLIPTextModel", defaults=TRANSFORMERS_DEFAULTS)
 
 
 def _config_to_dict(config: Any) -> dict[str, Any]:

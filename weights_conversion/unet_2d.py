@@ -1,4 +1,4 @@
-"""diffusers UNet2DModel (DDPM) <-> minidiff.unet_2d.UNet2DModel.
+"""diffusers UNet2DModel (DDPM) <-> minidiff.unet_2d.UNet2DModel: weights and config.
 
 Deviations from diffusers' names (everything else is kept as it is):
   down_blocks.{i}.downsamplers.0.conv.  ->  down_blocks.{i}.downsample.conv.
@@ -50,17 +50,28 @@ def rules(config: Any = None) -> list[Rule]:
     ]
 
 
-def _config_from_dict(raw: Mapping[str, Any]):
-    from minidiff.unet_2d import UNet2DConfig
+# diffusers keys UNet2DConfig leaves out: features minidiff does not implement, each accepted only at
+# the values that switch it off; the first is diffusers' default, which save_pretrained writes back
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "time_embedding_type": ("positional",),
+    "downsample_type": ("conv",),
+    "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"),
+    "resnet_time_scale_shift": ("default",),
+}
+UNUSED = {"dropout": 0.0}  # inference only: written back at diffusers' default
+LEFT_OUT = {**{key: values[0] for key, values in UNSUPPORTED.items()}, **UNUSED}
 
-    if raw.get("class_embed_type") is not None:
-        raise ValueError(f"UNet2DModel: class_embed_type={raw['class_embed_type']!r} is not supported by minidiff")
-    return config_from_dict(UNet2DConfig, raw, what="UNet2DModel config")
+
+def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:
+    # refused but, unlike the keys above, never written (minidiff's config.json has not had it)
+    unsupported = {**UNSUPPORTED, "class_embed_type": (None,)}
+    return config_from_dict(config_class, raw, "UNet2DModel", unsupported=unsupported)
 
 
 FORMAT = ModelFormat(
     class_name="UNet2DModel",
     rules=rules,
     config_from_dict=_config_from_dict,
-    config_to_dict=lambda config: config_to_dict(config, "UNet2DModel"),
+    config_to_dict=lambda config: config_to_dict(config, "UNet2DModel", left_out=LEFT_OUT),
 )

@@ -1,4 +1,5 @@
-"""diffusers UNet2DConditionModel (SD 1.x / 2.x) <-> minidiff.unet_2d_condition.UNet2DConditionModel.
+"""diffusers UNet2DConditionModel (SD 1.x / 2.x) <-> minidiff.unet_2d_condition.UNet2DConditionModel: weights
+and config.
 
 Deviations from diffusers' names (everything else is kept as it is):
   down_blocks.{i}.downsamplers.0.conv.     ->  down_blocks.{i}.downsample.conv.
@@ -21,6 +22,37 @@ from .rules import Rule, same
 # diffusers' constructor defaults where they differ from minidiff's SD1.5 dataclass defaults:
 # a key missing from a config.json means diffusers' default, so that is what fills it.
 DIFFUSERS_DEFAULTS: dict[str, Any] = {"sample_size": None, "cross_attention_dim": 1280}
+
+# diffusers keys UNet2DConditionConfig leaves out: features minidiff does not implement (SDXL, class /
+# image conditioning, LCM, ...), each accepted only at the values that switch it off, so a config using
+# one fails loudly. The first value is diffusers' default, which save_pretrained writes back.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "act_fn": ("silu", "swish"),
+    "only_cross_attention": (False,),  # or one per level
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "projection_class_embeddings_input_dim": (None,),
+    "class_embeddings_concat": (False,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "time_cond_proj_dim": (None,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "dual_cross_attention": (False,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+    "reverse_transformer_layers_per_block": (None,),
+    "mid_block_only_cross_attention": (None, False),
+}
+# unused at inference (or by the features above): written back at diffusers' defaults
+UNUSED: dict[str, Any] = {"dropout": 0.0, "addition_embed_type_num_heads": 64}
+LEFT_OUT = {**{key: values[0] for key, values in UNSUPPORTED.items()}, **UNUSED}
 
 
 def transformer_rules(src: str, dst: str) -> list[Rule]:
@@ -54,15 +86,20 @@ def rules(config: Any = None) -> list[Rule]:
     ]
 
 
-def _config_from_dict(raw: Mapping[str, Any]):
-    from minidiff.unet_2d_condition import UNet2DConditionConfig
-
-    return config_from_dict(UNet2DConditionConfig, {**DIFFUSERS_DEFAULTS, **raw}, what="UNet2DConditionModel config")
+def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:
+    return config_from_dict(
+        config_class,
+        raw,
+        "UNet2DConditionModel",
+        defaults=DIFFUSERS_DEFAULTS,
+        unsupported=UNSUPPORTED,
+        per_level=("only_cross_attention",),
+    )
 
 
 FORMAT = ModelFormat(
     class_name="UNet2DConditionModel",
     rules=rules,
     config_from_dict=_config_from_dict,
-    config_to_dict=lambda config: config_to_dict(config, "UNet2DConditionModel"),
+    config_to_dict=lambda config: config_to_dict(config, "UNet2DConditionModel", left_out=LEFT_OUT),
 )
