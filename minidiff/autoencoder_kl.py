@@ -11,24 +11,27 @@ References:
 Encoder: conv_in -> levels of ResNet blocks with stride-2 downsampling (input padded (0,1,0,1)
 first, as the original) -> mid (ResNet, one-head self-attention, ResNet) -> GroupNorm, SiLU, conv to
 2 x latent_channels (mean and log-variance) -> quant_conv. The decoder mirrors it from
-post_quant_conv, with nearest x2 upsampling. The levels and mid block are the DDPM UNet's
-(minidiff/unet_2d.py) without a time embedding. `scaling_factor` is not applied here: pipelines
+post_quant_conv, with nearest x2 upsampling. The levels and mid block are the UNets' (minidiff/layers.py)
+without a time embedding, skip connections or attention in the levels. `scaling_factor` is not applied here: pipelines
 scale latents by it after encoding and divide by it before decoding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weights_conversion.autoencoder_kl import FORMAT
+
 from .config import ConfigBase, check_levels, check_supported
+from .layers import AttentionBlock2D, MidBlock, UNetBlock2D
 from .modeling import BaseOutput, ModelMixin
 from .noise import randn_tensor  # noise drawn exactly as diffusers draws it
-from .unet_2d import MidBlock, UNetLevel
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class AutoencoderKLConfig(ConfigBase):
     up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
-    act_fn: str = "silu"
+    act_fn: str = "silu"  # the only activation (swish is its other name); read by code written for diffusers
     latent_channels: int = 4
     norm_num_groups: int = 32
     sample_size: int | tuple[int, int] = 512
@@ -92,45 +95,39 @@ class DecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
+def _mid_block(c: AutoencoderKLConfig, channels: int) -> MidBlock:
+    """ResNet, one-head self-attention, ResNet."""
+    attention = partial(AttentionBlock2D, heads=1, groups=c.norm_num_groups) if c.mid_block_add_attention else None
+    return MidBlock(channels, attention=attention, groups=c.norm_num_groups)
+
+
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> posterior parameters (B, 2 * latent_channels, H / 2^(L-1), W / 2^(L-1))."""
 
     def __init__(self, c: AutoencoderKLConfig) -> None:
         super().__init__()
-        chs, groups, n = c.block_out_channels, c.norm_num_groups, c.layers_per_block
+        chs, groups = c.block_out_channels, c.norm_num_groups
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            UNetLevel(
-                [chs[max(i - 1, 0)]] + [ch] * (n - 1),
+            UNetBlock2D(
+                chs[max(i - 1, 0)],
                 ch,
-                temb_channels=None,
-                attention=False,
-                heads=1,
+                c.layers_per_block,
                 groups=groups,
-                eps=1e-6,
                 downsample=i < len(chs) - 1,
                 downsample_padding=0,
             )
             for i, ch in enumerate(chs)
         )
-        self.mid_block = MidBlock(
-            chs[-1],
-            temb_channels=None,
-            heads=1,
-            groups=groups,
-            attn_groups=groups,
-            eps=1e-6,
-            scale=1.0,
-            attention=c.mid_block_add_attention,
-        )
+        self.mid_block = _mid_block(c, chs[-1])
         self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
-        for level in self.down_blocks:
-            x, _ = level(x, None)
-        x = self.mid_block(x, None)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
@@ -139,49 +136,29 @@ class Decoder(nn.Module):
 
     def __init__(self, c: AutoencoderKLConfig) -> None:
         super().__init__()
-        chs, groups, n = c.block_out_channels[::-1], c.norm_num_groups, c.layers_per_block
+        chs, groups = c.block_out_channels[::-1], c.norm_num_groups
         self.conv_in = nn.Conv2d(c.latent_channels, chs[0], 3, padding=1)
-        self.mid_block = MidBlock(
-            chs[0],
-            temb_channels=None,
-            heads=1,
-            groups=groups,
-            attn_groups=groups,
-            eps=1e-6,
-            scale=1.0,
-            attention=c.mid_block_add_attention,
-        )
+        self.mid_block = _mid_block(c, chs[0])
         # one more ResNet per level than the encoder, as in the original
         self.up_blocks = nn.ModuleList(
-            UNetLevel(
-                [chs[max(i - 1, 0)]] + [ch] * n,
-                ch,
-                temb_channels=None,
-                attention=False,
-                heads=1,
-                groups=groups,
-                eps=1e-6,
-                upsample=i < len(chs) - 1,
-            )
+            UNetBlock2D(chs[max(i - 1, 0)], ch, c.layers_per_block + 1, groups=groups, upsample=i < len(chs) - 1)
             for i, ch in enumerate(chs)
         )
         self.conv_norm_out = nn.GroupNorm(groups, chs[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chs[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # channels_last: oneDNN then convolves the large maps in place of reordering each conv's input
-        # and output to its blocked layout and back (benchmarks/README.md: VAE decode 256² bf16 -11%)
-        x = self.mid_block(self.conv_in(z.contiguous(memory_format=torch.channels_last)), None)
-        for level in self.up_blocks:
-            x, _ = level(x, None)
-        return self.conv_out(F.silu(self.conv_norm_out(x))).contiguous()
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
 class AutoencoderKL(ModelMixin):
     """`encode(images).latent_dist` -> DiagonalGaussianDistribution; `decode(latents).sample` -> images in [-1, 1]."""
 
     config_class = AutoencoderKLConfig
-    conversion = "weights_conversion.autoencoder_kl"
+    weights_format = FORMAT
 
     def __init__(self, config: AutoencoderKLConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -1,4 +1,6 @@
-"""Building blocks shared by the UNets, the VAE and the text encoder.
+"""Building blocks shared by the UNets, the VAE and the text encoder: timestep embedding, ResNet block,
+attention, down/up sampling, and the resolution level (UNetBlock2D) and MidBlock both UNets and the VAE
+are made of. Plain maths: the CPU speed-ups applied to loaded models live in minidiff/fast.py.
 
 References:
 1. Ho, Jain, Abbeel. "Denoising Diffusion Probabilistic Models", 2020 (ResNet blocks, timestep embedding).
@@ -14,6 +16,7 @@ time_emb_proj, to_q, ...). Deliberate differences, mapped in weights_conversion/
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,40 +78,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(t)))
 
 
-def silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU, in place when no gradient is needed: saves a full-size activation in inference."""
-    return F.silu(x, inplace=not x.requires_grad)
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters) that runs 3x3 convs on tiny fp32 CPU feature maps as one GEMM.
-
-    On the UNet's 8x8 and 4x4 levels (1280-2560 channels) oneDNN spends most of the conv re-laying
-    out the large weight and reaches 30-100 GFLOP/s; unfold + matmul reads the weight as stored and
-    runs 1.4-2.8x faster (benchmarks/README.md). Everywhere else the regular conv is faster, and
-    under torch.compile too (inductor pre-packs frozen conv weights once).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        if (
-            h * w > 64
-            or x.dtype != torch.float32
-            or x.device.type != "cpu"
-            or torch.compiler.is_compiling()
-            or self.kernel_size != (3, 3)
-            or self.stride != (1, 1)
-            or self.padding != (1, 1)
-            or self.groups != 1
-        ):
-            return super().forward(x)
-        cols = F.unfold(x, 3, padding=1)  # (B, C_in*9, H*W)
-        y = torch.matmul(self.weight.flatten(1), cols)  # (B, C_out, H*W)
-        if self.bias is not None:
-            y += self.bias[:, None]
-        return y.view(b, -1, h, w)
-
-
 class ResnetBlock2D(nn.Module):
     """GroupNorm -> SiLU -> conv, (+ time embedding), GroupNorm -> SiLU -> conv, plus a shortcut."""
 
@@ -116,7 +85,7 @@ class ResnetBlock2D(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        temb_channels: int | None,
+        temb_channels: int | None = None,
         groups: int = 32,
         eps: float = 1e-6,
         output_scale_factor: float = 1.0,
@@ -124,25 +93,21 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # a 1x1 conv only where the channel count changes
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        # the in-place updates act on fresh conv outputs only (fewer full-size temporaries)
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(silu(self.norm1(x)))
-        if self.time_emb_proj is not None and temb is not None:
-            t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
-            h = h.add_(t) if inplace else h + t
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = h.add_(x) if inplace else x + h
-        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+        return (x + h) / self.output_scale_factor
 
 
 class Downsample2D(nn.Module):
@@ -164,7 +129,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None) -> None:
         super().__init__()
-        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # nearest copies values, so no upcast is needed in bf16/fp16 (diffusers upcasts bf16 for torch < 2.1)
@@ -246,7 +211,97 @@ class AttentionBlock2D(Attention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, c, h, w = x.shape
         y = self.group_norm(x) if self.group_norm is not None else x
-        # (B, C, H, W) -> (B, H*W, C): a view when x is channels_last, one copy otherwise
-        y = super().forward(y.permute(0, 2, 3, 1).reshape(b, h * w, c))
-        y = x + y.view(b, h, w, c).permute(0, 3, 1, 2)  # x first: the sum takes x's memory format
-        return y if self.rescale_output_factor == 1.0 else y / self.rescale_output_factor
+        y = super().forward(y.permute(0, 2, 3, 1).reshape(b, h * w, c))  # over (B, H*W, C)
+        return (x + y.view(b, h, w, c).permute(0, 3, 1, 2)) / self.rescale_output_factor
+
+
+def _attend(attention: nn.Module, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """Self-attention blocks take the feature map alone, cross-attention ones the text context too."""
+    return attention(x) if context is None else attention(x, context)
+
+
+class UNetBlock2D(nn.Module):
+    """One resolution level of a UNet or of the VAE: `num_layers` ResNet blocks, each followed by an
+    attention block if `attention` (a constructor taking the channel count) is given, then an optional
+    stride-2 downsample or x2 upsample.
+
+    Skip connections: an encoder level pushes each state it produces onto `skips` (when it is given);
+    a decoder level, built with one `skip_channels` entry per ResNet block, pops one skip per block and
+    takes it concatenated to its input, then upsamples to the size of the skip that comes next.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        temb_channels: int | None = None,
+        skip_channels: Sequence[int] = (),
+        attention: Callable[[int], nn.Module] | None = None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        downsample: bool = False,
+        downsample_padding: int = 1,
+        upsample: bool = False,
+    ) -> None:
+        super().__init__()
+        widths = [in_channels] + [out_channels] * (num_layers - 1)
+        self.takes_skips = bool(skip_channels)
+        if self.takes_skips:
+            widths = [w + s for w, s in zip(widths, skip_channels, strict=True)]
+        self.resnets = nn.ModuleList(ResnetBlock2D(w, out_channels, temb_channels, groups, eps) for w in widths)
+        self.attentions = nn.ModuleList(attention(out_channels) for _ in widths) if attention else None
+        self.downsample = Downsample2D(out_channels, padding=downsample_padding) if downsample else None
+        self.upsample = Upsample2D(out_channels) if upsample else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        skips: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            if self.takes_skips:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = _attend(self.attentions[i], x, context)
+            if skips is not None and not self.takes_skips:
+                skips.append(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+            if skips is not None:
+                skips.append(x)
+        if self.upsample is not None:
+            # to the next skip's size, so that odd sizes (e.g. a 44x36 latent) line up
+            x = self.upsample(x, size=skips[-1].shape[-2:] if skips else None)
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResNet -> attention (if `attention`, a constructor taking the channel count) -> ResNet, at the
+    lowest resolution."""
+
+    def __init__(
+        self,
+        channels: int,
+        temb_channels: int | None = None,
+        attention: Callable[[int], nn.Module] | None = None,
+        groups: int = 32,
+        eps: float = 1e-6,
+        output_scale_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(channels, channels, temb_channels, groups, eps, output_scale_factor) for _ in range(2)
+        )
+        self.attention = attention(channels) if attention else None
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        if self.attention is not None:
+            x = _attend(self.attention, x, context)
+        return self.resnets[1](x, temb)

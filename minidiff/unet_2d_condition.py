@@ -20,19 +20,21 @@ misleading name for compatibility with existing configs; `num_attention_heads` o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weights_conversion.unet_2d_condition import FORMAT
+
 from .config import ConfigBase, check_levels, check_supported
 from .layers import (
     Attention,
-    Downsample2D,
-    ResnetBlock2D,
+    MidBlock,
     TimestepEmbedding,
-    Upsample2D,
+    UNetBlock2D,
     as_timestep_batch,
     timestep_embedding,
 )
@@ -41,31 +43,6 @@ from .modeling import BaseOutput, ModelMixin
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
-
-# Config keys of features minidiff does not implement (SDXL, class / image conditioning, LCM, ...):
-# accepted only at the value that switches them off, so a config using one fails loudly.
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
-    "class_embeddings_concat": (False,),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "time_cond_proj_dim": (None,),
-    "time_embedding_type": ("positional",),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "dual_cross_attention": (False,),
-    "resnet_time_scale_shift": ("default",),
-    "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1.0,),
-    "attention_type": ("default",),
-    "cross_attention_norm": (None,),
-    "reverse_transformer_layers_per_block": (None,),
-    "mid_block_only_cross_attention": (None, False),
-}
 
 
 def _per_level(value: Any, n: int, name: str) -> tuple:
@@ -79,6 +56,9 @@ def _per_level(value: Any, n: int, name: str) -> tuple:
 
 @dataclass(frozen=True)
 class UNet2DConditionConfig(ConfigBase):
+    """What the network is built from (diffusers' key names; weights_conversion refuses the features
+    minidiff does not implement, SDXL's and others', when it reads a diffusers config)."""
+
     sample_size: int | tuple[int, int] | None = 64
     in_channels: int = 4  # 9 for inpainting UNets (latents + mask + masked-image latents)
     out_channels: int = 4
@@ -93,13 +73,10 @@ class UNet2DConditionConfig(ConfigBase):
     )
     mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    only_cross_attention: bool | tuple[bool, ...] = False
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    dropout: float = 0.0  # inference only: kept so configs round-trip
-    act_fn: str = "silu"
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple[int, ...] = 768  # 1024 for SD2 (OpenCLIP ViT-H)
@@ -111,28 +88,6 @@ class UNet2DConditionConfig(ConfigBase):
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    # accepted only at their defaults (see UNSUPPORTED)
-    class_embed_type: str | None = None
-    num_class_embeds: int | None = None
-    addition_embed_type: str | None = None
-    addition_time_embed_dim: int | None = None
-    addition_embed_type_num_heads: int = 64
-    projection_class_embeddings_input_dim: int | None = None
-    class_embeddings_concat: bool = False
-    encoder_hid_dim: int | None = None
-    encoder_hid_dim_type: str | None = None
-    time_cond_proj_dim: int | None = None
-    time_embedding_type: str = "positional"
-    time_embedding_act_fn: str | None = None
-    timestep_post_act: str | None = None
-    dual_cross_attention: bool = False
-    resnet_time_scale_shift: str = "default"
-    resnet_skip_time_act: bool = False
-    resnet_out_scale_factor: float = 1.0
-    attention_type: str = "default"
-    cross_attention_norm: str | None = None
-    reverse_transformer_layers_per_block: tuple | None = None
-    mid_block_only_cross_attention: bool | None = None
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -143,9 +98,6 @@ class UNet2DConditionConfig(ConfigBase):
                 ("down_block_types", self.down_block_types, DOWN_BLOCKS),
                 ("up_block_types", self.up_block_types, UP_BLOCKS),
                 ("mid_block_type", (self.mid_block_type,), MID_BLOCKS),
-                ("act_fn", (self.act_fn,), ("silu", "swish")),
-                *((key, (getattr(self, key),), allowed) for key, allowed in UNSUPPORTED.items()),
-                ("only_cross_attention", _per_level(self.only_cross_attention, n, "only_cross_attention"), (False,)),
             ),
         )
         for key in (
@@ -246,108 +198,11 @@ class SpatialTransformer(nn.Module):
         return y + x
 
 
-@dataclass(frozen=True)
-class LevelSpec:
-    """What the down and up levels share: ResNet norm settings and the transformer's shape."""
-
-    temb_channels: int
-    groups: int
-    eps: float
-    cross_attention: bool
-    heads: int
-    context_dim: int
-    depth: int
-    linear_projection: bool
-    upcast: bool
-
-    def transformer(self, channels: int) -> SpatialTransformer:
-        return SpatialTransformer(
-            channels, self.heads, self.context_dim, self.depth, self.groups, self.linear_projection, self.upcast
-        )
-
-
-class DownBlock(nn.Module):
-    """Encoder level: ResNet blocks (each followed by a spatial transformer if cross_attention),
-    then an optional stride-2 downsample. Every intermediate state is kept as a skip connection."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, spec: LevelSpec, downsample: bool, padding: int
-    ) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(
-                in_channels if i == 0 else out_channels, out_channels, spec.temb_channels, spec.groups, spec.eps
-            )
-            for i in range(num_layers)
-        )
-        self.attentions = (
-            nn.ModuleList(spec.transformer(out_channels) for _ in range(num_layers)) if spec.cross_attention else None
-        )
-        self.downsample = Downsample2D(out_channels, padding=padding) if downsample else None
-
-    def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-            skips.append(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-            skips.append(x)
-        return x, skips
-
-
-class UpBlock(nn.Module):
-    """Decoder level: each ResNet block takes the features concatenated with one skip connection
-    (popped from the encoder's stack), optionally followed by a spatial transformer; then an
-    optional upsample to the size of the next skip, so odd latent sizes (e.g. 44x36) line up."""
-
-    def __init__(self, in_channels: list[int], out_channels: int, spec: LevelSpec, upsample: bool) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(c, out_channels, spec.temb_channels, spec.groups, spec.eps) for c in in_channels
-        )
-        self.attentions = (
-            nn.ModuleList(spec.transformer(out_channels) for _ in in_channels) if spec.cross_attention else None
-        )
-        self.upsample = Upsample2D(out_channels) if upsample else None
-
-    def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, skips: list[torch.Tensor]
-    ) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
-            if self.attentions is not None:
-                x = self.attentions[i](x, context)
-        if self.upsample is not None:
-            x = self.upsample(x, size=skips[-1].shape[-2:])
-        return x
-
-
-class MidBlock(nn.Module):
-    """ResNet -> spatial transformer -> ResNet at the lowest resolution."""
-
-    def __init__(self, channels: int, spec: LevelSpec, scale: float) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            ResnetBlock2D(channels, channels, spec.temb_channels, spec.groups, spec.eps, scale) for _ in range(2)
-        )
-        self.attention = spec.transformer(channels)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
-        x = self.attention(x, context)
-        return self.resnets[1](x, temb)
-
-
 class UNet2DConditionModel(ModelMixin):
     """Predicts the noise (or v) in a latent, given the timestep and the text encoder's hidden states."""
 
     config_class = UNet2DConditionConfig
-    conversion = "weights_conversion.unet_2d_condition"
+    weights_format = FORMAT
 
     def __init__(self, config: UNet2DConditionConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -358,39 +213,41 @@ class UNet2DConditionModel(ModelMixin):
             c.level(k) for k in ("heads", "cross_attention_dim", "layers_per_block", "transformer_layers_per_block")
         )
 
-        def spec(i: int, cross_attention: bool) -> LevelSpec:
-            return LevelSpec(
-                temb,
-                c.norm_num_groups,
-                c.norm_eps,
-                cross_attention,
-                heads[i],
-                context_dims[i],
-                depths[i],
-                c.use_linear_projection,
-                c.upcast_attention,
+        def transformer(i: int) -> partial[SpatialTransformer]:
+            """The spatial transformer of level i (the mid block's: i = -1), given its channels when built."""
+            return partial(
+                SpatialTransformer,
+                heads=heads[i],
+                context_dim=context_dims[i],
+                depth=depths[i],
+                groups=c.norm_num_groups,
+                linear_projection=c.use_linear_projection,
+                upcast=c.upcast_attention,
             )
 
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
 
-        self.down_blocks = nn.ModuleList()
-        for i, kind in enumerate(c.down_block_types):
-            last = i == len(chs) - 1
-            self.down_blocks.append(
-                DownBlock(
-                    chs[max(i - 1, 0)],
-                    chs[i],
-                    layers[i],
-                    spec(i, kind == "CrossAttnDownBlock2D"),
-                    downsample=not last,
-                    padding=c.downsample_padding,
-                )
+        self.down_blocks = nn.ModuleList(
+            UNetBlock2D(
+                chs[max(i - 1, 0)],
+                chs[i],
+                layers[i],
+                temb,
+                attention=transformer(i) if kind == "CrossAttnDownBlock2D" else None,
+                groups=c.norm_num_groups,
+                eps=c.norm_eps,
+                downsample=i < len(chs) - 1,
+                downsample_padding=c.downsample_padding,
             )
-
-        self.mid_block = (
-            MidBlock(chs[-1], spec(-1, True), c.mid_block_scale_factor) if c.mid_block_type is not None else None
+            for i, kind in enumerate(c.down_block_types)
         )
+
+        self.mid_block = None
+        if c.mid_block_type is not None:
+            self.mid_block = MidBlock(
+                chs[-1], temb, transformer(-1), c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor
+            )
 
         # decoder level i mirrors encoder level L-1-i with one more ResNet; its ResNets see
         # [features from below | skip]: the last skip comes from the encoder level below (or conv_in)
@@ -399,9 +256,19 @@ class UNet2DConditionModel(ModelMixin):
         for i, kind in enumerate(c.up_block_types):
             lvl = L - 1 - i  # the encoder level this decoder level mirrors
             ch, below, skip_last = chs[lvl], chs[min(lvl + 1, L - 1)], chs[max(lvl - 1, 0)]
-            n = layers[lvl] + 1
-            ins = [(below if j == 0 else ch) + (skip_last if j == n - 1 else ch) for j in range(n)]
-            self.up_blocks.append(UpBlock(ins, ch, spec(lvl, kind == "CrossAttnUpBlock2D"), upsample=i < L - 1))
+            self.up_blocks.append(
+                UNetBlock2D(
+                    below,
+                    ch,
+                    layers[lvl] + 1,
+                    temb,
+                    skip_channels=[ch] * layers[lvl] + [skip_last],
+                    attention=transformer(lvl) if kind == "CrossAttnUpBlock2D" else None,
+                    groups=c.norm_num_groups,
+                    eps=c.norm_eps,
+                    upsample=i < L - 1,
+                )
+            )
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
@@ -424,10 +291,9 @@ class UNet2DConditionModel(ModelMixin):
         )
 
         x = self.conv_in(sample)
-        skips = [x]
+        skips = [x]  # every encoder state, consumed in reverse by the decoder
         for block in self.down_blocks:
-            x, states = block(x, emb, encoder_hidden_states)
-            skips.extend(states)
+            x = block(x, emb, encoder_hidden_states, skips)
         if self.mid_block is not None:
             x = self.mid_block(x, emb, encoder_hidden_states)
         for block in self.up_blocks:
