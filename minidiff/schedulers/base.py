@@ -188,7 +188,7 @@ def reject_step_indices(timestep: Any, owner: str) -> None:
 
 
 class SigmaScheduler(SchedulerMixin):
-    """Schedulers that walk a sigma table (LMS, Euler, Heun, DPM-Solver, UniPC) and track their place in it.
+    """Schedulers that walk a sigma table (LMS, Euler, Heun; DPM-Solver, UniPC) and track their place in it.
 
     The place is found from the first timestep they are given (the second match if the timestep
     appears twice, as Heun's do), unless `set_begin_index` fixed it: this is what lets img2img
@@ -306,3 +306,12 @@ class SigmaScheduler(SchedulerMixin):
             alpha = 1 / (sigma**2 + 1) ** 0.5
             return alpha * original_samples + sigma * alpha * noise
         return original_samples + noise * sigma
+
+
+class VPSolverScheduler(SigmaScheduler):
+    """The exponential-integrator solvers in λ (DPM-Solver, UniPC, DEIS): the σ table of a SigmaScheduler, but
+    samples in the VP form x = α_t x_0 + σ_t ε (network input unscaled, init_noise_sigma = 1), and, as in
+    diffusers, a timestep not in the table counts as the last one."""
+
+    _unknown_timestep_is_last = True
+    _variance_preserving = True

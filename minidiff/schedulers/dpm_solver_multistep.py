@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerOutput, VPSolverScheduler
 from .config import FINAL_SIGMAS_TYPES, FlowKeys, NoiseScheduleConfig, SigmaKeys, ThresholdingKeys, one_of
 from .schedule import alpha_sigma_lambda, karras_sigmas, sigma_to_t, solver_timesteps, vp_x0_eps
 
@@ -42,13 +42,11 @@ class DPMSolverMultistepConfig(FlowKeys, SigmaKeys, ThresholdingKeys, NoiseSched
     rescale_betas_zero_snr: bool = False
 
 
-class DPMSolverMultistepScheduler(SigmaScheduler):
+class DPMSolverMultistepScheduler(VPSolverScheduler):
     """DPM-Solver++ multistep, ODE and SDE (Lu et al., 2022)."""
 
     config_class = DPMSolverMultistepConfig
     order = 1
-    _unknown_timestep_is_last = True
-    _variance_preserving = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

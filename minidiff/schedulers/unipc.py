@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerOutput, VPSolverScheduler
 from .config import (
     FINAL_SIGMAS_TYPES,
     FlowKeys,
@@ -50,13 +50,11 @@ class UniPCMultistepConfig(FlowKeys, SigmaKeys, ThresholdingKeys, NoiseScheduleC
     shift_terminal: float | None = not_implemented(None)
 
 
-class UniPCMultistepScheduler(SigmaScheduler):
+class UniPCMultistepScheduler(VPSolverScheduler):
     """UniPC multistep predictor-corrector, bh1 / bh2 (Zhao et al., 2023)."""
 
     config_class = UniPCMultistepConfig
     order = 1
-    _unknown_timestep_is_last = True
-    _variance_preserving = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
