@@ -143,7 +143,7 @@ def module_pairs(ours: nn.Module, reference: nn.Module, rules: Iterable[Any] | N
     `rules` defaults to the minidiff model's converter rules (its `weights_format`).
     """
     if rules is None:
-        rules = type(ours)._format().rules(ours.config)  # TEMPORARY: .weights_format once every model has it
+        rules = type(ours).weights_format.rules(ours.config)
     ours_keys = _module_keys(ours, _aligned(_exporter(rules), ours, reference))
     by_keys: dict[frozenset[str], list[str]] = defaultdict(list)
     for name, ks in _module_keys(reference).items():

@@ -11,8 +11,6 @@ Original LDM single files go through minidiff.ldm_file, which needs only the cla
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -70,19 +68,9 @@ class ModelMixin(nn.Module):
             raise
 
     @classmethod
-    def _format(cls) -> ModelFormat:
-        # TEMPORARY, until every model class holds its `weights_format` directly
-        fmt = getattr(cls, "weights_format", None)
-        return fmt if fmt is not None else importlib.import_module(cls.conversion).FORMAT
-
-    @classmethod
     def _config_from_dict(cls, raw: dict[str, Any]) -> Any:
         """A foreign (diffusers / transformers) JSON config -> this class's config dataclass."""
-        fmt = cls._format()
-        # TEMPORARY, until every format takes the config class
-        if len(inspect.signature(fmt.config_from_dict).parameters) == 1:
-            return fmt.config_from_dict(raw)
-        return fmt.config_from_dict(cls.config_class, raw)
+        return cls.weights_format.config_from_dict(cls.config_class, raw)
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +114,7 @@ class ModelMixin(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        converted = (fmt or cls._format()).convert(state_dict, config, expected, what or cls.__name__)
+        converted = (fmt or cls.weights_format).convert(state_dict, config, expected, what or cls.__name__)
         return model._adopt(converted, torch_dtype)
 
     @classmethod
@@ -152,7 +140,7 @@ class ModelMixin(nn.Module):
         self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
     ) -> None:
         """Write config.json + weights in the diffusers / transformers layout (loadable by them)."""
-        fmt = self._format()
+        fmt = self.weights_format
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / self.config_name).write_text(

@@ -35,7 +35,7 @@ def reference(tmp_path_factory):
 
 
 def _export(model: UNet2DModel) -> dict:
-    return model._format().export(model.state_dict(), model.config)
+    return model.weights_format.export(model.state_dict(), model.config)
 
 
 def assert_loads_reference(model: UNet2DModel, ref) -> None:

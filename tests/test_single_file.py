@@ -734,7 +734,7 @@ def test_real_weights_come_back(real):
     _, models, ours = real
     for part in MODELS:
         model = getattr(ours, part)
-        exported = model._format().export(model.state_dict(), model.config)
+        exported = model.weights_format.export(model.state_dict(), model.config)
         ref = {
             ("text_model." + k if part == "text_encoder" and not k.startswith("text_model.") else k): v
             for k, v in models[part].state_dict().items()
