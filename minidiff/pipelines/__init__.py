@@ -1,7 +1,9 @@
 from ..noise import randn_tensor
 from .base import DiffusionPipeline, ImagePipelineOutput
 from .ddpm import DDPMPipeline
-from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from .stable_diffusion import StableDiffusionPipeline
+from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+from .stable_diffusion_inpaint import StableDiffusionInpaintPipeline
 
 __all__ = [
     "DiffusionPipeline",

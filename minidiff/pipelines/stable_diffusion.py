@@ -1,35 +1,66 @@
-"""Stable Diffusion: text-to-image, image-to-image and inpainting, step for step as diffusers.
+"""Stable Diffusion text-to-image, step for step as diffusers, and the steps img2img and inpainting share.
 
 References:
 1. Rombach et al. "High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022.
 2. Ho, Salimans. "Classifier-Free Diffusion Guidance", 2022.
-3. Meng et al. "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations", 2022 (img2img).
 
-The loop: encode the prompt (and an empty or negative prompt) with CLIP; start from noise (or
-from the encoded image noised to the start step); at each timestep run the UNet on the
-unconditional and conditional halves in one batch, mix them with the guidance scale, and let the
-scheduler take a step; decode the final latents with the VAE. The random generator is consumed in
-diffusers' order (VAE sample of the init image, then the latent noise, then per-step noise), so a
-seed gives diffusers' image.
+`StableDiffusionPipeline.__call__` is the loop of examples/stable_diffusion_loop.py: encode the
+prompt (and an empty or negative prompt) with CLIP; set the timesteps and start from noise; at each
+timestep run the UNet on the unconditional and conditional halves in one batch, mix them with the
+guidance scale, and let the scheduler take a step; decode the final latents with the VAE.
+Img2img (stable_diffusion_img2img.py) and inpainting (stable_diffusion_inpaint.py) run their own
+copy of that loop from a noised image. The random generator is consumed in diffusers' order (VAE
+sample of an init image, then the latent noise, then per-step noise), so a seed gives diffusers'
+image.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..noise import randn_tensor
+from ..schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from ..single_file import load_pipeline
 from .base import DiffusionPipeline, ImagePipelineOutput
-from .image_processing import ImageInput, postprocess_image, preprocess_image
+from .image_processing import postprocess_image
 
 logger = logging.getLogger(__name__)
 
 Generator = torch.Generator | list[torch.Generator] | None
+
+# the schedulers whose step() takes the generator, to draw noise (DPM-Solver only as sde-dpmsolver++);
+# of these, DDIM also takes `eta` (0 = deterministic DDIM, 1 = DDPM-like)
+STOCHASTIC_SCHEDULERS = (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+)
+
+
+def scheduler_step_kwargs(scheduler: Any, eta: float, generator: Generator) -> dict[str, Any]:
+    """What `scheduler.step` takes besides (noise_pred, t, latents): the generator, and DDIM's `eta`."""
+    kwargs: dict[str, Any] = {"generator": generator} if isinstance(scheduler, STOCHASTIC_SCHEDULERS) else {}
+    if isinstance(scheduler, DDIMScheduler):
+        kwargs["eta"] = eta
+    return kwargs
+
+
+def classifier_free_guidance(noise_pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """[unconditional; conditional] predictions -> one, pushed away from the unconditional one."""
+    uncond, cond = noise_pred.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
@@ -37,6 +68,10 @@ def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | No
     if prompt is not None:
         return 1 if isinstance(prompt, str) else len(prompt)
     return prompt_embeds.shape[0]
+
+
+def _is_text(prompt: Any) -> bool:
+    return isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -70,11 +105,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         **components: Any,
     ):
         """Load an original CompVis / LDM single file (.safetensors or .ckpt, SD 1.x / 2.x) offline:
-        configs inferred from the weights, the prediction type by the rule in minidiff.single_file
+        configs inferred from the weights, the prediction type by the rule in minidiff.ldm_file
         (`prediction_type=` overrides it), `tokenizer` a folder (default: the CLIP vocabulary shipped
         with minidiff), `use_ema=False` for the raw UNet weights of a file with an EMA copy."""
-        from ..single_file import load_pipeline
-
         return load_pipeline(
             cls,
             path,
@@ -89,7 +122,74 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    # -- text ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' default, never mutated)
+    ) -> ImagePipelineOutput | tuple:
+        height, width = self._default_size(height, width)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+            output_type=output_type,
+        )
+        device, guided = self.device, guidance_scale > 1.0
+
+        # 1. text -> CLIP embeddings, one row per image; with guidance also the negative (or empty) prompt's
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            clip_skip,
+        )
+        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        # 2. the timesteps, then pure noise at the level of the first one
+        timesteps = self._set_timesteps(num_inference_steps, device)
+        latents = self._prepare_noise(len(prompt_embeds), height, width, prompt_embeds.dtype, generator, latents)
+        latents = latents * self.scheduler.init_noise_sigma
+        # 3. the denoising loop
+        step_kwargs = scheduler_step_kwargs(self.scheduler, eta, generator)
+        for i, t in self._progress(timesteps, num_inference_steps):
+            model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
+            if guided:
+                noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                latents, context = self._step_end(
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided
+                )
+        # 4. latents -> pixels
+        images = self._decode(latents, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images, None)
+
+    # -- the steps of __call__, shared with img2img and inpainting -------------------------------
 
     def _embed(self, prompt: list[str], clip_skip: int | None) -> torch.Tensor:
         tok = self.tokenizer
@@ -152,18 +252,113 @@ class StableDiffusionPipeline(DiffusionPipeline):
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
 
-    # -- checks ----------------------------------------------------------------------------------
+    def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return self.scheduler.timesteps
+
+    def _strength_timesteps(
+        self, num_inference_steps: int, strength: float, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """The tail of the schedule that `strength` keeps (1 = all steps, 0.3 = the last 30%), and its step count."""
+        timesteps = self._set_timesteps(num_inference_steps, device)
+        steps = min(int(num_inference_steps * strength), num_inference_steps)
+        if steps < 1:
+            raise ValueError(
+                f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising "
+                f"step; raise one of them"
+            )
+        start = (num_inference_steps - steps) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):  # σ-schedulers count their steps from here
+            self.scheduler.set_begin_index(start)
+        return timesteps[start:], steps
+
+    def _prepare_noise(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        generator: Generator,
+        latents: torch.Tensor | None = None,
+        channels: int | None = None,
+    ) -> torch.Tensor:
+        """The starting noise, (n, channels, height / 8, width / 8): the `latents` given, or drawn."""
+        self._check_generators(generator, n)
+        channels = channels or self.unet.config.in_channels
+        shape = (n, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            return randn_tensor(shape, generator, self.device, dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
+        return latents.to(self.device)
+
+    def _encode_image(self, image: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """VAE latents of an image, sampled with the generator(s), times the scaling factor."""
+        if isinstance(generator, list):
+            latents = torch.cat(
+                [self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(image.shape[0])]
+            )
+        else:
+            latents = self.vae.encode(image).latent_dist.sample(generator)
+        return self.vae.config.scaling_factor * latents
+
+    def _progress(self, timesteps: torch.Tensor, num_steps: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """enumerate(timesteps) under a progress bar of `num_steps` denoising steps (Heun, of order 2,
+        visits two timesteps per step)."""
+        order = self.scheduler.order
+        warmup = len(timesteps) - num_steps * order
+        with self.progress_bar(total=num_steps) as bar:
+            for i, t in enumerate(timesteps):
+                yield i, t
+                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
+                    bar.update()
+
+    def _step_end(
+        self,
+        callback: Callable,
+        names: list[str],
+        i: int,
+        t: torch.Tensor,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        guided: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """callback_on_step_end(pipe, i, t, {name: tensor}) sees the tensors it names and may hand back
+        new latents and (negative) prompt embeddings for the steps that follow."""
+        negative, prompt = context.chunk(2) if guided else (None, context)
+        tensors = {"latents": latents, "prompt_embeds": prompt, "negative_prompt_embeds": negative}
+        out = callback(self, i, t, {k: tensors[k] for k in names}) or {}
+        latents, prompt, negative = (out.pop(k, v) for k, v in tensors.items())
+        return latents, (torch.cat([negative, prompt]) if guided else prompt)
+
+    def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return latents
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return postprocess_image(image, output_type)
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return height or h * self.vae_scale_factor, width or w * self.vae_scale_factor
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def check_inputs(
         self,
-        prompt,
-        height,
-        width,
-        negative_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        callback_on_step_end_tensor_inputs,
+        prompt: str | list[str] | None,
+        height: int | None,
+        width: int | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        callback_on_step_end_tensor_inputs: list[str],
         strength: float | None = None,
+        output_type: str = "pil",
     ) -> None:
         if strength is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"`strength` must be in [0.0, 1.0], got {strength}")
@@ -175,18 +370,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
             raise ValueError("give either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
             raise ValueError("give `prompt` or `prompt_embeds`")
-        if prompt is not None and not (
-            isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
-        ):
+        if prompt is not None and not _is_text(prompt):
             raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
         if isinstance(prompt, list) and not prompt:
             raise ValueError("`prompt` is an empty list")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("give either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if negative_prompt is not None and not (
-            isinstance(negative_prompt, str)
-            or (isinstance(negative_prompt, list) and all(isinstance(p, str) for p in negative_prompt))
-        ):
+        if negative_prompt is not None and not _is_text(negative_prompt):
             raise TypeError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}")
         if (
             prompt_embeds is not None
@@ -202,18 +392,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` may name {self._callback_tensor_inputs}, not {unknown}"
             )
-
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-
-    def _step_kwargs(self, generator: Generator, eta: float) -> dict[str, Any]:
-        """Pass `eta` / `generator` only to schedulers whose step() takes them (DDIM / stochastic ones)."""
-        params = inspect.signature(self.scheduler.step).parameters
-        kwargs: dict[str, Any] = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
 
     @staticmethod
     def _check_generators(generator: Generator, batch: int) -> None:
@@ -223,391 +403,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 f"(prompts x num_images_per_prompt): pass exactly one per image"
             )
 
-    # -- the loop --------------------------------------------------------------------------------
-
-    def _denoise(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        num_inference_steps: int,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None,
-        guidance_scale: float,
-        step_kwargs: dict[str, Any],
-        callback_on_step_end: Callable | None,
-        callback_inputs: list[str],
-        extra_channels: torch.Tensor | None = None,
-        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        guided = negative_prompt_embeds is not None
-        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
-        order = getattr(self.scheduler, "order", 1)
-        warmup = len(timesteps) - num_inference_steps * order
-        with self.progress_bar(total=num_inference_steps) as bar:
-            for i, t in enumerate(timesteps):
-                x = torch.cat([latents] * 2) if guided else latents
-                x = self.scheduler.scale_model_input(x, t)
-                if extra_channels is not None:  # inpainting UNet: + mask + masked-image latents
-                    x = torch.cat([x, extra_channels], dim=1)
-                noise_pred = self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-                if guided:
-                    uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-                if after_step is not None:
-                    latents = after_step(i, latents)
-                if callback_on_step_end is not None:
-                    values = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                    }
-                    out = callback_on_step_end(self, i, t, {k: values[k] for k in callback_inputs}) or {}
-                    latents = out.pop("latents", latents)
-                    prompt_embeds = out.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = out.pop("negative_prompt_embeds", negative_prompt_embeds)
-                    context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
-                    bar.update()
-        return latents
-
-    def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
-        if output_type == "latent":
-            return latents
-        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return postprocess_image(image, output_type)
-
-    def _encode_image(self, image: torch.Tensor, generator: Generator) -> torch.Tensor:
-        """VAE latents of an image, sampled with the generator(s), times the scaling factor."""
-        if isinstance(generator, list):
-            latents = torch.cat(
-                [self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(image.shape[0])]
-            )
-        else:
-            latents = self.vae.encode(image).latent_dist.sample(generator)
-        return self.vae.config.scaling_factor * latents
-
-    def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else size
-        return height or h * self.vae_scale_factor, width or w * self.vae_scale_factor
-
-    @staticmethod
-    def _check_output_type(output_type: str) -> None:
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-
-    def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        return self.scheduler.timesteps
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' default, never mutated)
-    ) -> ImagePipelineOutput | tuple:
-        height, width = self._default_size(height, width)
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            callback_on_step_end_tensor_inputs,
-        )
-        self._check_output_type(output_type)
-        device = self.device
-        guided = guidance_scale > 1.0
-        batch = _batch_size(prompt, prompt_embeds)
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            guided,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            clip_skip,
-        )
-        timesteps = self._set_timesteps(num_inference_steps, device)
-
-        n = batch * num_images_per_prompt
-        self._check_generators(generator, n)
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator, device, prompt_embeds.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
-
-        latents = self._denoise(
-            latents,
-            timesteps,
-            num_inference_steps,
-            prompt_embeds,
-            negative_prompt_embeds,
-            guidance_scale,
-            self._step_kwargs(generator, eta),
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
-        images = self._decode(latents, output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images, None)
-
-
-class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
-    """Image-to-image (SDEdit): noise the encoded image to a start step set by `strength`, denoise from there."""
-
-    def _start(self, num_inference_steps: int, strength: float, device: torch.device) -> tuple[torch.Tensor, int]:
-        """The tail of the schedule that `strength` keeps: strength 1 = all steps, 0.3 = the last 30%."""
-        timesteps = self._set_timesteps(num_inference_steps, device)
-        init = min(int(num_inference_steps * strength), num_inference_steps)
-        start = max(num_inference_steps - init, 0)
-        order = getattr(self.scheduler, "order", 1)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(start * order)
-        steps = num_inference_steps - start
-        if steps < 1:
-            raise ValueError(
-                f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising "
-                f"step; raise one of them"
-            )
-        return timesteps[start * order :], steps
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: ImageInput | None = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
-    ) -> ImagePipelineOutput | tuple:
-        self.check_inputs(
-            prompt,
-            None,
-            None,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            callback_on_step_end_tensor_inputs,
-            strength,
-        )
-        self._check_output_type(output_type)
-        if image is None:
-            raise ValueError("img2img needs an `image`")
-        device = self.device
-        guided = guidance_scale > 1.0
-        batch = _batch_size(prompt, prompt_embeds)
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            guided,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            clip_skip,
-        )
-        image = preprocess_image(image, multiple=self.vae_scale_factor)
-        timesteps, steps = self._start(num_inference_steps, strength, device)
-
-        n = batch * num_images_per_prompt
-        self._check_generators(generator, n)
-        image = image.to(device=device, dtype=prompt_embeds.dtype)
-        if image.shape[1] == self.vae.config.latent_channels:
-            init = image
-        else:
-            if isinstance(generator, list) and image.shape[0] < n:
-                image = self._repeat_to(image, n, "image")
-            init = self._encode_image(image, generator)
-        init = self._repeat_to(init, n, "image")
-        noise = randn_tensor(tuple(init.shape), generator, device, prompt_embeds.dtype)
-        latents = self.scheduler.add_noise(init, noise, timesteps[:1].repeat(n))
-
-        latents = self._denoise(
-            latents,
-            timesteps,
-            steps,
-            prompt_embeds,
-            negative_prompt_embeds,
-            guidance_scale,
-            self._step_kwargs(generator, eta),
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-        )
-        images = self._decode(latents, output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images, None)
-
     @staticmethod
     def _repeat_to(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
+        """Spread the `what` entries (images, masks) over a batch of n: each repeated n / len times."""
         if x.shape[0] == n:
             return x
         if n % x.shape[0]:
             raise ValueError(f"cannot spread {x.shape[0]} `{what}` entries over a batch of {n}")
         return x.repeat(n // x.shape[0], 1, 1, 1)
-
-
-class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
-    """Inpainting: regenerate where `mask_image` is white, keep the rest.
-
-    A 9-channel inpainting UNet sees the mask and the masked image's latents as extra input
-    channels; a plain 4-channel UNet is used by pasting the re-noised original back outside the mask
-    after every step.
-    """
-
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-
-    @torch.no_grad()
-    def __call__(  # type: ignore[override]
-        self,
-        prompt: str | list[str] | None = None,
-        image: ImageInput | None = None,
-        mask_image: ImageInput | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        strength: float = 1.0,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Generator = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        clip_skip: int | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
-    ) -> ImagePipelineOutput | tuple:
-        height, width = self._default_size(height, width)
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            callback_on_step_end_tensor_inputs,
-            strength,
-        )
-        self._check_output_type(output_type)
-        if image is None or mask_image is None:
-            raise ValueError("inpainting needs both `image` and `mask_image`")
-        unet_channels = self.unet.config.in_channels
-        latent_channels = self.vae.config.latent_channels
-        if unet_channels not in (latent_channels, 2 * latent_channels + 1):
-            raise ValueError(
-                f"an inpainting UNet has {latent_channels} or {2 * latent_channels + 1} input channels, "
-                f"this one has {unet_channels}"
-            )
-        device = self.device
-        guided = guidance_scale > 1.0
-        batch = _batch_size(prompt, prompt_embeds)
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            guided,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            clip_skip,
-        )
-        timesteps, steps = self._start(num_inference_steps, strength, device)
-        n = batch * num_images_per_prompt
-        self._check_generators(generator, n)
-        dtype = prompt_embeds.dtype
-        full_strength = strength == 1.0
-
-        init_image = preprocess_image(image, height, width, self.vae_scale_factor)
-        if init_image.shape[1] == latent_channels:
-            raise ValueError("inpainting needs the `image` in pixels, not latents")
-        init_image = init_image.to(device=device, dtype=dtype)
-        plain_unet = unet_channels == latent_channels
-        # generator order as diffusers: image latents (if needed), noise, then the masked image's latents
-        image_latents = None
-        if plain_unet or (latents is None and not full_strength):
-            image_latents = self._encode_image(init_image, generator)
-            image_latents = image_latents.repeat(n // image_latents.shape[0], 1, 1, 1)
-        shape = (n, latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            noise = randn_tensor(shape, generator, device, dtype)
-            latents = (
-                noise * self.scheduler.init_noise_sigma
-                if full_strength
-                else self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
-            )
-        else:
-            noise = latents.to(device)
-            latents = noise * self.scheduler.init_noise_sigma
-
-        mask = preprocess_image(mask_image, height, width, self.vae_scale_factor, mask=True)
-        masked_image = init_image * (mask.to(device, dtype) < 0.5)
-        mask = F.interpolate(mask, size=(height // self.vae_scale_factor, width // self.vae_scale_factor)).to(
-            device, dtype
-        )
-        masked_latents = self._encode_image(masked_image, generator)
-        mask = self._repeat_to(mask, n, "mask_image")
-        masked_latents = self._repeat_to(masked_latents, n, "image")
-
-        def paste_back(i: int, x: torch.Tensor) -> torch.Tensor:
-            # outside the mask, put back the original, noised to the level of the next step
-            proper = image_latents
-            if i < len(timesteps) - 1:
-                proper = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
-            return (1 - mask) * proper + mask * x
-
-        extra = None
-        if not plain_unet:
-            extra = torch.cat([mask, masked_latents], dim=1)
-            extra = torch.cat([extra] * 2) if guided else extra
-        after_step = paste_back if plain_unet else None
-
-        latents = self._denoise(
-            latents,
-            timesteps,
-            steps,
-            prompt_embeds,
-            negative_prompt_embeds,
-            guidance_scale,
-            self._step_kwargs(generator, eta),
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            extra_channels=extra,
-            after_step=after_step,
-        )
-        images = self._decode(latents, output_type)
-        return ImagePipelineOutput(images=images) if return_dict else (images, None)

@@ -1,0 +1,109 @@
+"""Stable Diffusion image-to-image (SDEdit), step for step as diffusers.
+
+Reference: Meng et al. "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential
+Equations", ICLR 2022.
+
+The text-to-image loop, started part way: `strength` picks how much of the schedule is run
+(1 = all of it, 0.3 = the last 30%); the encoded image, noised to the first of those timesteps,
+replaces the pure noise. examples/img2img_loop.py writes the same by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..noise import randn_tensor
+from .base import ImagePipelineOutput
+from .image_processing import ImageInput, preprocess_image
+from .stable_diffusion import Generator, StableDiffusionPipeline, classifier_free_guidance, scheduler_step_kwargs
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    """Image-to-image (SDEdit): noise the encoded image to a start step set by `strength`, denoise from there."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: ImageInput | None = None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+    ) -> ImagePipelineOutput | tuple:
+        self.check_inputs(
+            prompt,
+            None,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+            strength,
+            output_type,
+        )
+        if image is None:
+            raise ValueError("img2img needs an `image`")
+        device, guided = self.device, guidance_scale > 1.0
+
+        # 1. text -> CLIP embeddings, as in text-to-image
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            clip_skip,
+        )
+        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        # 2. the last `strength` of the timesteps; the image's latents noised to the first of them
+        image = preprocess_image(image, multiple=self.vae_scale_factor)
+        timesteps, num_steps = self._strength_timesteps(num_inference_steps, strength, device)
+        latents = self._noised_image_latents(image, timesteps[:1], len(prompt_embeds), prompt_embeds.dtype, generator)
+        # 3. the denoising loop
+        step_kwargs = scheduler_step_kwargs(self.scheduler, eta, generator)
+        for i, t in self._progress(timesteps, num_steps):
+            model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
+            if guided:
+                noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                latents, context = self._step_end(
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided
+                )
+        # 4. latents -> pixels
+        images = self._decode(latents, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images, None)
+
+    def _noised_image_latents(
+        self, image: torch.Tensor, timestep: torch.Tensor, n: int, dtype: torch.dtype, generator: Generator
+    ) -> torch.Tensor:
+        """n latents of the image (or of its copies), noised to `timestep`. Generator order as
+        diffusers: the VAE samples, then the noise."""
+        self._check_generators(generator, n)
+        image = image.to(device=self.device, dtype=dtype)
+        if image.shape[1] == self.vae.config.latent_channels:  # given as latents already
+            init = image
+        else:
+            if isinstance(generator, list) and image.shape[0] < n:
+                image = self._repeat_to(image, n, "image")
+            init = self._encode_image(image, generator)
+        init = self._repeat_to(init, n, "image")
+        noise = randn_tensor(tuple(init.shape), generator, self.device, dtype)
+        return self.scheduler.add_noise(init, noise, timestep.repeat(n))

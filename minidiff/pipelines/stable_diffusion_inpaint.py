@@ -1,0 +1,162 @@
+"""Stable Diffusion inpainting, step for step as diffusers: regenerate where the mask is white.
+
+Two kinds of UNet run it. An inpainting UNet (9 input channels) sees, beside the noisy latents,
+the mask and the latents of the image with the masked part blacked out, and learned to fill the
+hole. A plain text-to-image UNet (4 channels) knows nothing of the mask: after every step, the
+image's own latents, noised to the level of the next step, are pasted back outside the mask, so
+only the hole is generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .base import ImagePipelineOutput
+from .image_processing import ImageInput, preprocess_image
+from .stable_diffusion import Generator, StableDiffusionPipeline, classifier_free_guidance, scheduler_step_kwargs
+
+
+class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
+    """Inpainting: regenerate where `mask_image` is white, keep the rest."""
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self,
+        prompt: str | list[str] | None = None,
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+    ) -> ImagePipelineOutput | tuple:
+        height, width = self._default_size(height, width)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end_tensor_inputs,
+            strength,
+            output_type,
+        )
+        self._check_inpaint_inputs(image, mask_image)
+        device, guided = self.device, guidance_scale > 1.0
+        plain_unet = self.unet.config.in_channels == self.vae.config.latent_channels
+
+        # 1. text -> CLIP embeddings, as in text-to-image
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            clip_skip,
+        )
+        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        # 2. the last `strength` of the timesteps; noise (or the noised image below strength 1); the mask
+        timesteps, num_steps = self._strength_timesteps(num_inference_steps, strength, device)
+        n = len(prompt_embeds)
+        image = self._pixels(image, height, width, prompt_embeds.dtype)
+        latents, noise, image_latents = self._start_latents(image, timesteps[:1], n, generator, latents, strength)
+        mask, masked_image_latents = self._mask_latents(mask_image, image, n, generator)
+        if not plain_unet:  # the inpainting UNet's extra input channels, for both halves of the guidance batch
+            mask_input = torch.cat([mask, masked_image_latents], dim=1)
+            mask_input = torch.cat([mask_input] * 2) if guided else mask_input
+        # 3. the denoising loop
+        step_kwargs = scheduler_step_kwargs(self.scheduler, eta, generator)
+        for i, t in self._progress(timesteps, num_steps):
+            model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            if not plain_unet:
+                model_input = torch.cat([model_input, mask_input], dim=1)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
+            if guided:
+                noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if plain_unet:  # outside the mask: the image, noised to the next step's level (clean after the last)
+                known = image_latents
+                if i + 1 < len(timesteps):
+                    known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
+                latents = (1 - mask) * known + mask * latents
+            if callback_on_step_end is not None:
+                latents, context = self._step_end(
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided
+                )
+        # 4. latents -> pixels
+        images = self._decode(latents, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images, None)
+
+    def _check_inpaint_inputs(self, image: ImageInput | None, mask_image: ImageInput | None) -> None:
+        if image is None or mask_image is None:
+            raise ValueError("inpainting needs both `image` and `mask_image`")
+        unet_channels = self.unet.config.in_channels
+        latent_channels = self.vae.config.latent_channels
+        if unet_channels not in (latent_channels, 2 * latent_channels + 1):
+            raise ValueError(
+                f"an inpainting UNet has {latent_channels} or {2 * latent_channels + 1} input channels, "
+                f"this one has {unet_channels}"
+            )
+
+    def _pixels(self, image: ImageInput, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        image = preprocess_image(image, height, width, self.vae_scale_factor)
+        if image.shape[1] == self.vae.config.latent_channels:
+            raise ValueError("inpainting needs the `image` in pixels, not latents")
+        return image.to(device=self.device, dtype=dtype)
+
+    def _start_latents(
+        self,
+        image: torch.Tensor,
+        timestep: torch.Tensor,
+        n: int,
+        generator: Generator,
+        latents: torch.Tensor | None,
+        strength: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(starting latents, the noise in them, the image's latents when needed). Generator order as
+        diffusers: the image's VAE sample (for a plain UNet or strength < 1), then the noise."""
+        self._check_generators(generator, n)
+        full_strength = strength == 1.0
+        image_latents = None
+        if self.unet.config.in_channels == self.vae.config.latent_channels or (latents is None and not full_strength):
+            image_latents = self._encode_image(image, generator)
+            image_latents = image_latents.repeat(n // len(image_latents), 1, 1, 1)
+        height, width = image.shape[-2:]
+        channels = self.vae.config.latent_channels
+        noise = self._prepare_noise(n, height, width, image.dtype, generator, latents, channels)
+        if latents is None and not full_strength:
+            return self.scheduler.add_noise(image_latents, noise, timestep.repeat(n)), noise, image_latents
+        return noise * self.scheduler.init_noise_sigma, noise, image_latents
+
+    def _mask_latents(
+        self, mask_image: ImageInput, image: torch.Tensor, n: int, generator: Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask at latent size ({0, 1}, 1 = regenerate) and the latents of the image with the mask's
+        part blacked out, one per output image."""
+        height, width = image.shape[-2:]
+        mask = preprocess_image(mask_image, height, width, self.vae_scale_factor, mask=True)
+        masked_image = image * (mask.to(image.device, image.dtype) < 0.5)
+        size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        mask = F.interpolate(mask, size=size).to(image.device, image.dtype)
+        masked_image_latents = self._encode_image(masked_image, generator)
+        return self._repeat_to(mask, n, "mask_image"), self._repeat_to(masked_image_latents, n, "image")
