@@ -1,6 +1,9 @@
 """DDPMPipeline: unconditional image generation with a pixel-space UNet and any scheduler.
 
 Reference: Ho, Jain, Abbeel. "Denoising Diffusion Probabilistic Models", 2020.
+
+The loop of examples/ddpm_loop.py: start from Gaussian noise the size of the image, and at each
+timestep let the UNet predict the noise and the scheduler take a step; no text, no guidance, no VAE.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import torch
 
 from ..noise import randn_tensor
 from .base import DiffusionPipeline, ImagePipelineOutput
+from .image_processing import postprocess_image
 
 
 class DDPMPipeline(DiffusionPipeline):
@@ -26,23 +30,23 @@ class DDPMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.check_inputs(batch_size, output_type)
         size = self.unet.config.sample_size
-        if size is None:
-            raise ValueError("the UNet's config has no sample_size: cannot tell the image size")
-        h, w = (size, size) if isinstance(size, int) else size
+        height, width = (size, size) if isinstance(size, int) else size
         # noise first, then one draw per step inside scheduler.step: diffusers' generator order
-        image = randn_tensor((batch_size, self.unet.config.in_channels, h, w), generator, self.device, self.unet.dtype)
+        shape = (batch_size, self.unet.config.in_channels, height, width)
+        image = randn_tensor(shape, generator, self.device, self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_output = self.unet(image, t).sample
             image = self.scheduler.step(model_output, t, image, generator=generator).prev_sample
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = postprocess_image(image, output_type)
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+    def check_inputs(self, batch_size: int, output_type: str) -> None:
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if self.unet.config.sample_size is None:
+            raise ValueError("the UNet's config has no sample_size: cannot tell the image size")
