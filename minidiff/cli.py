@@ -1,15 +1,33 @@
-"""The `minidiff` command line (also `python -m minidiff`)."""
+"""The command line (also `python -m minidiff`): one image per call, or many from a prompt file.
+
+minidiff generate "a red circle on a white background" --output circle.png
+minidiff generate --prompts prompts.jsonl --outdir out/ --batch-size 4
+torchrun --nproc-per-node 2 -m minidiff generate --prompts prompts.jsonl --outdir out/
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 
-def _parse_dtype(name: str):
-    import torch
+from weights_conversion import ConversionError
 
+from . import DEFAULT_MODEL
+from .batch import SCHEDULER_ALIASES, BatchError, World, dtype_name, generate_many, load_items, preflight
+from .loading import CheckpointError
+from .pipelines import DDPMPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from .schedulers import SCHEDULERS
+from .single_file import load_folder_models, load_pipeline, save_single_file, to_ldm_state_dict
+
+__all__ = ["SCHEDULER_ALIASES", "build_parser", "main"]
+
+
+def _parse_dtype(name: str) -> torch.dtype:
     dtypes = {
         "fp32": torch.float32,
         "float32": torch.float32,
@@ -35,23 +53,7 @@ def _save_images(images, output: str) -> list[Path]:
     return paths
 
 
-# short names for --scheduler (the class names work too)
-SCHEDULER_ALIASES = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
-def _scheduler_class(name: str):
-    from .schedulers import SCHEDULERS
-
+def _scheduler_class(name: str) -> type:
     cls = SCHEDULERS.get(SCHEDULER_ALIASES.get(name.lower(), name))
     if cls is None:
         raise SystemExit(
@@ -61,12 +63,27 @@ def _scheduler_class(name: str):
     return cls
 
 
+def _set_threads(threads: int | None, ranks_here: int) -> None:
+    """--threads (default: this machine's cores) shared by the ranks on this machine, so they do not oversubscribe."""
+    if threads is None and ranks_here == 1:
+        return  # torch's own default
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, (threads or cores) // ranks_here))
+
+
+def _model_name(model: str) -> str:
+    """A local folder by its absolute path (the same from any working directory), a Hub id as given."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import DEFAULT_MODEL
-    from .pipelines import StableDiffusionPipeline
-
+    if args.prompts is not None:
+        return cmd_generate_many(args)
+    if args.prompt is None:
+        raise SystemExit("minidiff generate: give a PROMPT, or --prompts FILE for many images")
+    if args.outdir is not None or args.batch_size is not None:
+        raise SystemExit("minidiff generate: --outdir and --batch-size go with --prompts FILE")
+    _set_threads(args.threads, 1)
     model = args.model or DEFAULT_MODEL  # the bundled toy model: offline, 64x64, shapes
     pipe = StableDiffusionPipeline.from_pretrained(
         model, local_files_only=args.local_files_only or model == DEFAULT_MODEL
@@ -86,16 +103,74 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images_per_prompt=args.num_images,
         generator=generator,
     ).images
-    for path in _save_images(images, args.output):
+    for path in _save_images(images, args.output or "minidiff.png"):
         print(path)
     return 0
 
 
+def cmd_generate_many(args: argparse.Namespace) -> int:
+    """--prompts FILE --outdir DIR: every check that needs no model, then this rank's share of the items."""
+    if args.prompt is not None:
+        raise SystemExit("minidiff generate: give a PROMPT or --prompts FILE, not both")
+    if args.outdir is None:
+        raise SystemExit("minidiff generate: --prompts needs --outdir DIR (the images and manifest.jsonl go there)")
+    if args.output is not None or args.num_images != 1:
+        raise SystemExit(
+            "minidiff generate: --output and --num-images are for one prompt; --prompts writes into --outdir"
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit(f"minidiff generate: --batch-size must be at least 1, got {args.batch_size}")
+    dtype = _parse_dtype(args.dtype)
+    scheduler = _scheduler_class(args.scheduler).__name__ if args.scheduler else None
+    model = args.model or DEFAULT_MODEL
+    device = torch.device(args.device)
+    run = {
+        # the bundled model by name, so that a folder's manifest does not depend on where minidiff is installed
+        "model": "minidiff.DEFAULT_MODEL" if model == DEFAULT_MODEL else _model_name(model),
+        "dtype": dtype_name(dtype),
+        "device": device.type,
+    }
+    defaults = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance)
+    try:
+        items = load_items(
+            args.prompts, seed=args.seed, height=args.height, width=args.width, scheduler=scheduler, **defaults
+        )
+        preflight(args.outdir, items, run, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
+    except BatchError as e:
+        raise SystemExit(f"minidiff generate: {e}") from None
+
+    started = not dist.is_initialized()
+    world = World.init(device.type)  # torchrun's process group, or the world of one
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", world.local_rank)  # one GPU per rank
+        torch.cuda.set_device(device)
+    _set_threads(args.threads, world.local_size)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, local_files_only=args.local_files_only or model == DEFAULT_MODEL
+    )
+    pipe.to(device, dtype)
+    try:
+        summary = generate_many(
+            pipe,
+            items,
+            args.outdir,
+            batch_size=args.batch_size or 1,
+            resume=args.resume,
+            model=run["model"],
+            world=world,
+            verbose=args.verbose,
+        )
+    except BatchError as e:
+        raise SystemExit(f"minidiff generate: {e}") from None
+    finally:
+        if started and world.distributed:
+            dist.destroy_process_group()
+    if world.rank == 0:
+        print(summary)
+    return 0
+
+
 def cmd_ddpm(args: argparse.Namespace) -> int:
-    import torch
-
-    from .pipelines import DDPMPipeline
-
     pipe = DDPMPipeline.from_pretrained(args.model, local_files_only=args.local_files_only)
     if args.scheduler:
         pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
@@ -109,14 +184,6 @@ def cmd_ddpm(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """An LDM single file -> a diffusers folder, or a diffusers folder -> an LDM single file."""
-    import torch
-
-    from weights_conversion import ConversionError
-
-    from .loading import CheckpointError
-    from .pipelines import StableDiffusionInpaintPipeline, StableDiffusionPipeline
-    from .single_file import load_folder_models, load_pipeline, save_single_file, to_ldm_state_dict
-
     src, dst = Path(args.src), Path(args.dst)
     try:
         if src.is_dir():
@@ -160,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to image with a Stable Diffusion pipeline folder or Hub id",
         epilog="schedulers: " + ", ".join(f"{k} ({v})" for k, v in SCHEDULER_ALIASES.items()),
     )
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="the text (or --prompts FILE for many images)")
     p.add_argument(
         "--model", help="pipeline folder or Hub id (default: the bundled shapes model, minidiff.DEFAULT_MODEL)"
     )
@@ -175,7 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hub")
-    p.add_argument("--output", default="minidiff.png", help="PNG path; several images get -0, -1, ... suffixes")
+    p.add_argument(
+        "--output", default=None, help="PNG path (default minidiff.png); several images get -0, -1, ... suffixes"
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, shared by the ranks on this machine")
+    many = p.add_argument_group(
+        "many images",
+        "FILE: one prompt a line, or JSONL with per-item prompt, negative_prompt, seed, steps, guidance, height, "
+        "width, scheduler, id (the options above are the defaults; an item's seed defaults to --seed + its index). "
+        "Under torchrun every rank takes its share of the items.",
+    )
+    many.add_argument("--prompts", metavar="FILE", help="make one image per line of FILE, into --outdir")
+    many.add_argument("--outdir", metavar="DIR", help="DIR/<id>.png and DIR/manifest.jsonl")
+    many.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default 1)")
+    many.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the images DIR's manifest vouches for (default when DIR has a manifest); "
+        "--no-resume regenerates every item and starts a new manifest",
+    )
+    many.add_argument("--verbose", action="store_true", help="a line per image from every rank instead of the bar")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ddpm", help="unconditional images from a DDPM UNet2DModel pipeline folder or Hub id")
