@@ -279,6 +279,56 @@ class UNetBlock2D(nn.Module):
         return x
 
 
+def unet_levels(
+    block_out_channels: Sequence[int],
+    layers_per_block: Sequence[int],
+    temb_channels: int,
+    down_attention: Sequence[Callable[[int], nn.Module] | None],
+    up_attention: Sequence[Callable[[int], nn.Module] | None],
+    groups: int,
+    eps: float,
+    downsample_padding: int = 1,
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """A UNet's encoder and decoder levels, given each one's attention (or None), in their own order.
+
+    Encoder level i: `layers_per_block[i]` ResNets at `block_out_channels[i]`, then a downsample (not
+    the last). Decoder level i mirrors encoder level L-1-i with one more ResNet; its ResNets see
+    [features from below | skip], the last skip coming from the encoder level below (or conv_in).
+    """
+    chs, L = block_out_channels, len(block_out_channels)
+    down = nn.ModuleList(
+        UNetBlock2D(
+            chs[max(i - 1, 0)],
+            chs[i],
+            layers_per_block[i],
+            temb_channels,
+            attention=down_attention[i],
+            groups=groups,
+            eps=eps,
+            downsample=i < L - 1,
+            downsample_padding=downsample_padding,
+        )
+        for i in range(L)
+    )
+    up = nn.ModuleList()
+    for i in range(L):
+        lvl = L - 1 - i  # the encoder level this decoder level mirrors
+        up.append(
+            UNetBlock2D(
+                chs[min(lvl + 1, L - 1)],
+                chs[lvl],
+                layers_per_block[lvl] + 1,
+                temb_channels,
+                skip_channels=[chs[lvl]] * layers_per_block[lvl] + [chs[max(lvl - 1, 0)]],
+                attention=up_attention[i],
+                groups=groups,
+                eps=eps,
+                upsample=i < L - 1,
+            )
+        )
+    return down, up
+
+
 class MidBlock(nn.Module):
     """ResNet -> attention (if `attention`, a constructor taking the channel count) -> ResNet, at the
     lowest resolution."""

@@ -27,9 +27,9 @@ from .layers import (
     AttentionBlock2D,
     MidBlock,
     TimestepEmbedding,
-    UNetBlock2D,
     as_timestep_batch,
     timestep_embedding,
+    unet_levels,
 )
 from .modeling import BaseOutput, ModelMixin
 
@@ -106,21 +106,17 @@ class UNet2DModel(ModelMixin):
         self.time_embedding = TimestepEmbedding(chs[0], temb)
         self.class_embedding = nn.Embedding(c.num_class_embeds, temb) if c.num_class_embeds else None
 
-        self.down_blocks = nn.ModuleList(
-            UNetBlock2D(
-                chs[max(i - 1, 0)],
-                ch,
-                c.layers_per_block,
-                temb,
-                attention=attention(ch) if kind == "AttnDownBlock2D" else None,
-                groups=c.norm_num_groups,
-                eps=c.norm_eps,
-                downsample=i < len(chs) - 1,
-                downsample_padding=c.downsample_padding,
-            )
-            for i, (kind, ch) in enumerate(zip(c.down_block_types, chs, strict=True))
+        down_blocks, up_blocks = unet_levels(
+            chs,
+            [c.layers_per_block] * len(chs),
+            temb,
+            [attention(ch) if kind == "AttnDownBlock2D" else None for kind, ch in zip(c.down_block_types, chs)],
+            [attention(ch) if kind == "AttnUpBlock2D" else None for kind, ch in zip(c.up_block_types, chs[::-1])],
+            c.norm_num_groups,
+            c.norm_eps,
+            c.downsample_padding,
         )
-
+        self.down_blocks = down_blocks
         self.mid_block = None
         if c.mid_block_type is not None:
             scale = c.mid_block_scale_factor
@@ -132,27 +128,7 @@ class UNet2DModel(ModelMixin):
                 c.norm_eps,
                 scale,
             )
-
-        # decoder level i mirrors encoder level L-1-i with one more ResNet; its ResNets see
-        # [features from below | skip]: the last skip comes from the encoder level below (or conv_in)
-        self.up_blocks = nn.ModuleList()
-        L = len(chs)
-        for i, kind in enumerate(c.up_block_types):
-            lvl = L - 1 - i  # the encoder level this decoder level mirrors
-            ch, below, skip_last = chs[lvl], chs[min(lvl + 1, L - 1)], chs[max(lvl - 1, 0)]
-            self.up_blocks.append(
-                UNetBlock2D(
-                    below,
-                    ch,
-                    c.layers_per_block + 1,
-                    temb,
-                    skip_channels=[ch] * c.layers_per_block + [skip_last],
-                    attention=attention(ch) if kind == "AttnUpBlock2D" else None,
-                    groups=c.norm_num_groups,
-                    eps=c.norm_eps,
-                    upsample=i < L - 1,
-                )
-            )
+        self.up_blocks = up_blocks
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], c.out_channels, 3, padding=1)

@@ -34,9 +34,9 @@ from .layers import (
     Attention,
     MidBlock,
     TimestepEmbedding,
-    UNetBlock2D,
     as_timestep_batch,
     timestep_embedding,
+    unet_levels,
 )
 from .modeling import BaseOutput, ModelMixin
 
@@ -228,47 +228,27 @@ class UNet2DConditionModel(ModelMixin):
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
 
-        self.down_blocks = nn.ModuleList(
-            UNetBlock2D(
-                chs[max(i - 1, 0)],
-                chs[i],
-                layers[i],
-                temb,
-                attention=transformer(i) if kind == "CrossAttnDownBlock2D" else None,
-                groups=c.norm_num_groups,
-                eps=c.norm_eps,
-                downsample=i < len(chs) - 1,
-                downsample_padding=c.downsample_padding,
-            )
-            for i, kind in enumerate(c.down_block_types)
-        )
-
-        self.mid_block = None
-        if c.mid_block_type is not None:
-            self.mid_block = MidBlock(
-                chs[-1], temb, transformer(-1), c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor
-            )
-
-        # decoder level i mirrors encoder level L-1-i with one more ResNet; its ResNets see
-        # [features from below | skip]: the last skip comes from the encoder level below (or conv_in)
-        self.up_blocks = nn.ModuleList()
         L = len(chs)
-        for i, kind in enumerate(c.up_block_types):
-            lvl = L - 1 - i  # the encoder level this decoder level mirrors
-            ch, below, skip_last = chs[lvl], chs[min(lvl + 1, L - 1)], chs[max(lvl - 1, 0)]
-            self.up_blocks.append(
-                UNetBlock2D(
-                    below,
-                    ch,
-                    layers[lvl] + 1,
-                    temb,
-                    skip_channels=[ch] * layers[lvl] + [skip_last],
-                    attention=transformer(lvl) if kind == "CrossAttnUpBlock2D" else None,
-                    groups=c.norm_num_groups,
-                    eps=c.norm_eps,
-                    upsample=i < L - 1,
-                )
-            )
+        down_blocks, up_blocks = unet_levels(
+            chs,
+            layers,
+            temb,
+            [transformer(i) if kind == "CrossAttnDownBlock2D" else None for i, kind in enumerate(c.down_block_types)],
+            [
+                transformer(L - 1 - i) if kind == "CrossAttnUpBlock2D" else None
+                for i, kind in enumerate(c.up_block_types)
+            ],
+            c.norm_num_groups,
+            c.norm_eps,
+            c.downsample_padding,
+        )
+        self.down_blocks = down_blocks
+        self.mid_block = (
+            MidBlock(chs[-1], temb, transformer(-1), c.norm_num_groups, c.norm_eps, c.mid_block_scale_factor)
+            if c.mid_block_type is not None
+            else None
+        )
+        self.up_blocks = up_blocks
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chs[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2)
