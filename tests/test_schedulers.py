@@ -482,7 +482,6 @@ _BAD_OPTIONS = [
     ("beta_schedule", "cubic"),
     ("prediction_type", "noise"),
     ("timestep_spacing", "uniform"),
-    ("thresholding", True),
 ]
 
 
@@ -512,7 +511,7 @@ def test_pndm_with_prk_needs_four_steps():
         ("DPMSolverMultistepScheduler", "solver_order", 4),
         ("UniPCMultistepScheduler", "solver_type", "bh3"),
         ("EulerDiscreteScheduler", "interpolation_type", "cubic"),
-        ("EulerDiscreteScheduler", "use_beta_sigmas", True),
+        ("DPMSolverMultistepScheduler", "use_flow_sigmas", True),  # (thresholding, beta σ's: test_scheduler_options)
         ("EulerAncestralDiscreteScheduler", "prediction_type", "sample"),
         ("PNDMScheduler", "prediction_type", "sample"),
     ],

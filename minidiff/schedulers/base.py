@@ -24,9 +24,19 @@ from ..config import FrozenDict
 from ..loading import load_config
 from ..modeling import BaseOutput
 from .config import NoiseScheduleConfig
-from .schedule import expand_to, karras_sigmas, make_betas, sigma_to_t, spaced_timesteps, vp_sigmas
+from .schedule import (
+    beta_sigmas,
+    expand_to,
+    exponential_sigmas,
+    karras_sigmas,
+    make_betas,
+    sigma_to_t,
+    spaced_timesteps,
+    vp_sigmas,
+)
 
 CONFIG_NAME = "scheduler_config.json"
+SIGMA_SPACINGS = ("karras", "exponential", "beta")  # the use_<kind>_sigmas keys, in the order diffusers checks them
 
 
 @dataclass
@@ -43,6 +53,14 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_value(v) for v in value]
     return value
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place write counter of a tensor (None for inference-mode tensors, which keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class SchedulerMixin:
@@ -145,6 +163,37 @@ class SchedulerMixin:
                 f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step() or scale_model_input()"
             )
 
+    # -- reading a timestep without waiting on the device ----------------------------------------
+    # step() needs the value (or the place) of the timestep it is given. Read from a CUDA tensor, it
+    # would make the host wait for the device on every step; but a pipeline passes an element of
+    # `timesteps` (what iterating them, or a slice of them, yields), whose place shows in its storage
+    # offset (metadata), and set_timesteps keeps the values on the host as well.
+
+    def _keep_host_copy(self, values: list) -> None:
+        """Remember the values of `timesteps` (just set) as Python numbers."""
+        self._host_copy = (self.timesteps, _version(self.timesteps), values)
+
+    def _host_timesteps(self) -> list:
+        """`timesteps` as Python numbers: set_timesteps' copy, re-read if `timesteps` were replaced or changed."""
+        ts, copy = self.timesteps, getattr(self, "_host_copy", None)
+        if copy is None or copy[0] is not ts or copy[1] != _version(ts):
+            self._host_copy = copy = (ts, _version(ts), ts.tolist())
+        return copy[2]
+
+    def _position_in_timesteps(self, timestep: Any) -> int | None:
+        """The index of `timestep` in `timesteps` if it is one of their elements (a view into them), else None."""
+        ts = self.timesteps
+        if not (isinstance(timestep, torch.Tensor) and isinstance(ts, torch.Tensor)) or timestep.dim() or ts.dim() != 1:
+            return None
+        if timestep.dtype != ts.dtype or timestep.device != ts.device:
+            return None
+        if timestep.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr():
+            return None
+        offset, stride = timestep.storage_offset() - ts.storage_offset(), ts.stride(0)
+        if stride <= 0 or offset % stride or not 0 <= offset // stride < len(ts):
+            return None
+        return offset // stride
+
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The network input for this step: unchanged for VP-parameterised schedulers."""
         return sample
@@ -164,7 +213,19 @@ class DiscreteScheduler(SchedulerMixin):
         super().__init__(**config)
         self._init_noise_schedule()
         self.init_noise_sigma = 1.0
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
+        self._set_discrete_timesteps(np.arange(self.config.num_train_timesteps - 1, -1, -1), None)
+
+    def _set_discrete_timesteps(self, timesteps: np.ndarray, device: Any) -> None:
+        """`timesteps` as int64 on the device, and their host copy."""
+        on_host = torch.from_numpy(np.ascontiguousarray(timesteps, dtype=np.int64))
+        self.timesteps = on_host.to(device)
+        self._keep_host_copy(on_host.tolist())
+
+    def _timestep_value(self, timestep: int | torch.Tensor) -> int:
+        """t as a Python int, to index ᾱ: an element of `timesteps` is read from their host copy (no device
+        wait); any other tensor is read from the device."""
+        i = self._position_in_timesteps(timestep)
+        return self._host_timesteps()[i] if i is not None else int(timestep)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) for one timestep per batch item."""
@@ -199,9 +260,14 @@ class SigmaScheduler(SchedulerMixin):
     _unknown_timestep_is_last: ClassVar[bool] = False
     # add_noise form: x_0 + σ ε (LMS, Euler, Heun) or α x_0 + σ_t ε with α = 1/sqrt(σ² + 1) (DPM, UniPC)
     _variance_preserving: ClassVar[bool] = False
+    # refuse more than one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (UniPC takes the first)
+    _one_sigma_spacing: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
+        keys = [f"use_{kind}_sigmas" for kind in SIGMA_SPACINGS]
+        if self._one_sigma_spacing and sum(bool(self.config.get(k)) for k in keys) > 1:
+            raise ValueError(f"{type(self).__name__}: only one of {', '.join(keys)} can be set")
         self._init_noise_schedule()
         if self.config.get("rescale_betas_zero_snr"):
             self.alphas_cumprod[-1] = 2**-24  # ᾱ_T = 0 would make σ_T infinite: keep it finite
@@ -233,10 +299,12 @@ class SigmaScheduler(SchedulerMixin):
         self._init_step_index(timestep)
         return sample / ((self.sigmas[self._step_index] ** 2 + 1) ** 0.5)
 
-    def _spaced_sigmas(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """n spaced timesteps (float32) and their σ, interpolated linearly in t between training steps."""
+    def _spaced_sigmas(self, n: int, num_train_timesteps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """n spaced timesteps (float32; spaced over num_train_timesteps if given) and their σ, interpolated
+        linearly in t between training steps."""
         c = self.config
-        ts = spaced_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset).astype(np.float32)
+        T = num_train_timesteps or c.num_train_timesteps
+        ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset).astype(np.float32)
         return ts, np.interp(ts, np.arange(len(self.train_sigmas)), self.train_sigmas)
 
     def _karras(
@@ -251,6 +319,27 @@ class SigmaScheduler(SchedulerMixin):
         sigmas = karras_sigmas(lo if lo is not None else sigma_min, hi if hi is not None else sigma_max, n)
         return sigmas, sigma_to_t(sigmas, np.log(self.train_sigmas))
 
+    def _respaced(
+        self, sigma_min: float, sigma_max: float, n: int, karras_config: bool = True
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The σ's of the configured spacing (Karras, else exponential, else beta) from sigma_max down to
+        sigma_min, and the t of each; None when none is set. The config's sigma_min / sigma_max win when
+        set, as in `_karras` (`karras_config=False`: LMS's Karras σ's ignore them)."""
+        kind = self._sigma_spacing
+        if kind is None:
+            return None
+        if kind == "karras":
+            return self._karras(sigma_min, sigma_max, n, use_config=karras_config)
+        lo, hi = self.config.get("sigma_min"), self.config.get("sigma_max")
+        spacing = exponential_sigmas if kind == "exponential" else beta_sigmas
+        sigmas = spacing(lo if lo is not None else sigma_min, hi if hi is not None else sigma_max, n)
+        return sigmas, sigma_to_t(sigmas, np.log(self.train_sigmas))
+
+    @property
+    def _sigma_spacing(self) -> str | None:
+        """The first of the σ spacings whose use_<kind>_sigmas key is set, else None (as the timesteps fall)."""
+        return next((kind for kind in SIGMA_SPACINGS if self.config.get(f"use_{kind}_sigmas")), None)
+
     def _set_training_table(self) -> None:
         """Before set_timesteps: every training step, σ descending, then 0 (diffusers' starting state).
 
@@ -264,7 +353,9 @@ class SigmaScheduler(SchedulerMixin):
             self._set_table(np.arange(T - 1, -1, -1), np.append(self.train_sigmas[::-1], 0.0), None, torch.float32)
 
     def _set_table(self, timesteps: np.ndarray, sigmas: np.ndarray, device: Any, dtype: torch.dtype) -> None:
-        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=dtype)
+        on_host = torch.from_numpy(np.ascontiguousarray(timesteps)).to(dtype=dtype)
+        self.timesteps = on_host.to(device)
+        self._keep_host_copy(on_host.tolist())
         self.sigmas = torch.from_numpy(np.asarray(sigmas, dtype=np.float32))  # on the CPU, as diffusers keeps it
         self._reset_index()
 
@@ -277,6 +368,11 @@ class SigmaScheduler(SchedulerMixin):
         self._begin_index = None
 
     def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
+        i = self._position_in_timesteps(timestep) if schedule_timesteps is None else None
+        if i is not None:  # one of `timesteps`: the same search on their host copy
+            values = self._host_timesteps()
+            hits = [k for k, v in enumerate(values) if v == values[i]]
+            return hits[1 if len(hits) > 1 else 0]
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(schedule.device)

@@ -4,10 +4,12 @@ Every key has diffusers' name and default, so configs pass between minidiff and 
 are. A key that takes a fixed set of values is declared with `one_of` (anything else is refused
 when the scheduler is built, naming the key); a diffusers option minidiff does not implement is
 declared `not_implemented` (only its off value is taken). Keys several schedulers share come in
-small groups (`ThresholdingKeys`, `SigmaKeys`, `FlowKeys`) that a config lists among its bases:
+small groups (`ThresholdingKeys`, `SigmaKeys`, `FlowKeys`) that a config lists among its bases; a group
+whose options are only partly implemented has a sibling with all of them (`DynamicThresholdingKeys`,
+`SigmaSpacingKeys`) for the schedulers that implement them:
 
     @dataclass(frozen=True)
-    class DDIMConfig(ThresholdingKeys, NoiseScheduleConfig):
+    class DDIMConfig(DynamicThresholdingKeys, NoiseScheduleConfig):
         timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)  # a shared key, another default
         set_alpha_to_one: bool = True  # a key of its own
 """
@@ -43,9 +45,8 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], owner: str) -> N
 
 
 @dataclass(frozen=True)
-class NoiseScheduleConfig(ConfigBase):
-    """The keys every scheduler takes: the training schedule β_1..β_T, what the network predicts, and
-    how the sampling steps are picked from the T training steps."""
+class BetaScheduleConfig(ConfigBase):
+    """The keys every scheduler takes: the training schedule β_1..β_T and what the network predicts."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -53,11 +54,9 @@ class NoiseScheduleConfig(ConfigBase):
     beta_schedule: str = one_of("linear", BETA_SCHEDULES)
     trained_betas: Any = None  # β given outright: beta_schedule is then unused
     prediction_type: str = one_of("epsilon", PREDICTION_TYPES)
-    timestep_spacing: str = one_of("linspace", TIMESTEP_SPACINGS)
-    steps_offset: int = 0
 
     @classmethod
-    def validated(cls, owner: str, **given: Any) -> NoiseScheduleConfig:
+    def validated(cls, owner: str, **given: Any) -> BetaScheduleConfig:
         """The config of scheduler `owner`: aliases mapped, unknown keys a TypeError, refused values a ValueError."""
         fields = dataclasses.fields(cls)
         if unknown := sorted(given.keys() - {f.name for f in fields}):
@@ -74,6 +73,15 @@ class NoiseScheduleConfig(ConfigBase):
             if f.metadata.get("not_implemented") and value != f.default:
                 raise ValueError(f"{owner}: {f.name}={value!r} is not implemented in minidiff")
         return config
+
+
+@dataclass(frozen=True)
+class NoiseScheduleConfig(BetaScheduleConfig):
+    """The β keys, and how the sampling steps are picked from the T training steps (all but DPM-Solver
+    singlestep, which always spaces them linearly)."""
+
+    timestep_spacing: str = one_of("linspace", TIMESTEP_SPACINGS)
+    steps_offset: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +104,22 @@ class SigmaKeys:
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = not_implemented(False)
     use_beta_sigmas: bool = not_implemented(False)
+
+
+@dataclass(frozen=True)
+class DynamicThresholdingKeys(ThresholdingKeys):
+    """`ThresholdingKeys` with thresholding implemented (schedule.dynamic_threshold applied to x̂_0)."""
+
+    thresholding: bool = False
+
+
+@dataclass(frozen=True)
+class SigmaSpacingKeys(SigmaKeys):
+    """`SigmaKeys` with all three spacings implemented: Karras' ρ-schedule, evenly in log σ, or the
+    Beta(0.6, 0.6) quantiles (schedule.karras_sigmas / exponential_sigmas / beta_sigmas)."""
+
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import torch
 
 from ..noise import randn_tensor
 from .base import DiscreteScheduler, SchedulerOutput
-from .config import TIMESTEP_SPACINGS, NoiseScheduleConfig, ThresholdingKeys, one_of
-from .schedule import spaced_timesteps, vp_x0_eps
+from .config import TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
+from .schedule import dynamic_threshold, spaced_timesteps, vp_x0_eps
 
 
 @dataclass(frozen=True)
-class DDIMConfig(ThresholdingKeys, NoiseScheduleConfig):
+class DDIMConfig(DynamicThresholdingKeys, NoiseScheduleConfig):
     timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
     clip_sample: bool = True  # clamp x̂_0 to ±clip_sample_range
     clip_sample_range: float = 1.0
@@ -44,7 +44,7 @@ class DDIMScheduler(DiscreteScheduler):
         c = self.config
         n, T = self.num_inference_steps, c.num_train_timesteps
         ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset)
-        self.timesteps = torch.from_numpy(ts.round().astype(np.int64)).to(device)
+        self._set_discrete_timesteps(ts.round().astype(np.int64), device)
 
     def step(
         self,
@@ -60,14 +60,16 @@ class DDIMScheduler(DiscreteScheduler):
         self._check_ready()
         if variance_noise is not None and generator is not None:
             raise ValueError("pass either generator or variance_noise, not both")
-        t = int(timestep)
+        t = self._timestep_value(timestep)
         # diffusers steps back by T // N whatever the spacing (so trailing / linspace may skip a listed step)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         ab_t = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
 
         x0, eps = vp_x0_eps(model_output, sample, ab_t**0.5, (1 - ab_t) ** 0.5, self.config.prediction_type)
-        if self.config.clip_sample:
+        if self.config.thresholding:
+            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        elif self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         if use_clipped_model_output:  # re-derive ε̂ from the clipped x̂_0 (as in GLIDE)
             eps = (sample - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5

@@ -15,14 +15,14 @@ import torch
 
 from ..noise import randn_tensor
 from .base import DiscreteScheduler, SchedulerOutput
-from .config import BETA_SCHEDULES, TIMESTEP_SPACINGS, NoiseScheduleConfig, ThresholdingKeys, one_of
-from .schedule import spaced_timesteps, vp_x0_eps
+from .config import BETA_SCHEDULES, TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
+from .schedule import dynamic_threshold, spaced_timesteps, vp_x0_eps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
 @dataclass(frozen=True)
-class DDPMConfig(ThresholdingKeys, NoiseScheduleConfig):
+class DDPMConfig(DynamicThresholdingKeys, NoiseScheduleConfig):
     beta_schedule: str = one_of("linear", (*BETA_SCHEDULES, "sigmoid"))
     timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
     variance_type: str = one_of("fixed_small", VARIANCE_TYPES)  # the std of the noise added at each step
@@ -66,15 +66,15 @@ class DDPMScheduler(DiscreteScheduler):
             ts = spaced_timesteps(c.timestep_spacing, self.num_inference_steps, T, c.steps_offset)
             ts = ts.round().astype(np.int64)
         self.custom_timesteps = timesteps is not None
-        self.timesteps = torch.from_numpy(ts).to(device)
+        self._set_discrete_timesteps(ts, device)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The step after `timestep` in `timesteps`, or -1 (x_0) after the last."""
-        i = (self.timesteps == timestep).nonzero()
-        if len(i) == 0:
-            raise ValueError(f"DDPMScheduler: timestep {timestep} is not one of scheduler.timesteps")
-        i = i[0].item()
-        return self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else -1
+        ts, t = self._host_timesteps(), self._timestep_value(timestep)
+        if t not in ts:
+            raise ValueError(f"DDPMScheduler: timestep {t} is not one of scheduler.timesteps")
+        i = ts.index(t)
+        return ts[i + 1] if i + 1 < len(ts) else -1
 
     def _variance(self, t: int, prev_t: int, predicted_variance: torch.Tensor | None) -> torch.Tensor:
         """The std of the noise added on the way from t to prev_t, for the configured variance_type."""
@@ -109,7 +109,7 @@ class DDPMScheduler(DiscreteScheduler):
     ) -> SchedulerOutput | tuple:
         """Sample x_{t-1} from the posterior q(x_{t-1} | x_t, x̂_0) [1, eqs. 6-7]."""
         self._check_ready()
-        t = int(timestep)
+        t = self._timestep_value(timestep)
         prev_t = self.previous_timestep(t)
         predicted_variance = None
         if self.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
@@ -120,7 +120,9 @@ class DDPMScheduler(DiscreteScheduler):
         alpha_t = ab_t / ab_prev  # the one-step α between the two (possibly distant) timesteps
         beta_t = 1 - alpha_t
         x0, _ = vp_x0_eps(model_output, sample, ab_t**0.5, (1 - ab_t) ** 0.5, self.config.prediction_type)
-        if self.config.clip_sample:
+        if self.config.thresholding:
+            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        elif self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
 
         # posterior mean μ̃_t(x_t, x_0) [1, eq. 7]

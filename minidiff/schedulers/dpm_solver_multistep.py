@@ -23,12 +23,19 @@ import torch
 
 from ..noise import randn_tensor
 from .base import SchedulerOutput, VPSolverScheduler
-from .config import FINAL_SIGMAS_TYPES, FlowKeys, NoiseScheduleConfig, SigmaKeys, ThresholdingKeys, one_of
-from .schedule import alpha_sigma_lambda, karras_sigmas, sigma_to_t, solver_timesteps, vp_x0_eps
+from .config import (
+    FINAL_SIGMAS_TYPES,
+    DynamicThresholdingKeys,
+    FlowKeys,
+    NoiseScheduleConfig,
+    SigmaSpacingKeys,
+    one_of,
+)
+from .schedule import alpha_sigma_lambda, dynamic_threshold, karras_sigmas, sigma_to_t, solver_timesteps, vp_x0_eps
 
 
 @dataclass(frozen=True)
-class DPMSolverMultistepConfig(FlowKeys, SigmaKeys, ThresholdingKeys, NoiseScheduleConfig):
+class DPMSolverMultistepConfig(FlowKeys, SigmaSpacingKeys, DynamicThresholdingKeys, NoiseScheduleConfig):
     solver_order: int = one_of(2, (1, 2, 3))
     # configs of sibling solvers carry their own names: they are mapped as diffusers maps them
     algorithm_type: str = one_of("dpmsolver++", ("dpmsolver++", "sde-dpmsolver++"), {"deis": "dpmsolver++"})
@@ -47,6 +54,7 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
 
     config_class = DPMSolverMultistepConfig
     order = 1
+    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
@@ -59,13 +67,28 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
         self.model_outputs: list[torch.Tensor | None] = [None] * self.config.solver_order  # D's, newest last
         self.lower_order_nums = 0  # steps taken so far (caps the usable order)
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """`num_inference_steps` spaced steps, or custom descending integer `timesteps`."""
         c = self.config
         T = c.num_train_timesteps
-        n = self._check_num_steps(num_inference_steps)
-        # leave out the end of the schedule whose log-SNR is below lambda_min_clipped (for cosine schedules)
-        clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
-        ts = solver_timesteps(c.timestep_spacing, n, T, c.steps_offset, T - clipped)
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None and (self._sigma_spacing is not None or c.use_lu_lambdas):
+            spacing = f"use_{self._sigma_spacing}_sigmas" if self._sigma_spacing else "use_lu_lambdas"
+            raise ValueError(f"custom timesteps cannot be combined with {spacing}=True")
+        if timesteps is not None:
+            ts = np.array(timesteps).astype(np.int64)
+            n = len(ts)
+        else:
+            n = self._check_num_steps(num_inference_steps)
+            # leave out the end of the schedule whose log-SNR is below lambda_min_clipped (for cosine schedules)
+            clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped).item()
+            ts = solver_timesteps(c.timestep_spacing, n, T, c.steps_offset, T - clipped)
         train = self.train_sigmas
         if c.use_karras_sigmas or c.use_lu_lambdas:
             if c.use_karras_sigmas:
@@ -76,6 +99,8 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
                 ts = sigma_to_t(sigmas, log_train)
             if c.beta_schedule != "squaredcos_cap_v2":
                 ts = ts.round()
+        elif respaced := self._respaced(train[0].item(), train[-1].item(), n):
+            sigmas, ts = respaced  # (not rounded: the int64 timesteps truncate them, as in diffusers)
         else:
             sigmas = np.interp(ts, np.arange(len(train)), train)
         sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
@@ -89,7 +114,10 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
             # drop the predicted-variance channels (diffusers keeps the first 3: the same for RGB models)
             model_output = model_output[:, : sample.shape[1]]
         alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[self._step_index])
-        return vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
+        x0 = vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
+        if self.config.thresholding:
+            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        return x0
 
     def _update(self, order: int, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """One DPM-Solver++ step of the given order from σ_i to σ_{i+1}, using the last `order` D's."""

@@ -16,12 +16,12 @@ import torch
 
 from ..noise import randn_tensor
 from .base import SchedulerOutput, SigmaScheduler, reject_step_indices
-from .config import FINAL_SIGMAS_TYPES, NoiseScheduleConfig, SigmaKeys, one_of
+from .config import FINAL_SIGMAS_TYPES, NoiseScheduleConfig, SigmaSpacingKeys, one_of
 from .schedule import sigma_to_t, ve_denoised
 
 
 @dataclass(frozen=True)
-class EulerDiscreteConfig(SigmaKeys, NoiseScheduleConfig):
+class EulerDiscreteConfig(SigmaSpacingKeys, NoiseScheduleConfig):
     interpolation_type: str = one_of("linear", ("linear", "log_linear"))  # σ between the spaced t's
     sigma_min: float | None = None  # the Karras σ range, when set
     sigma_max: float | None = None
@@ -35,6 +35,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     config_class = EulerDiscreteConfig
     order = 1
+    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
@@ -57,8 +58,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
         c = self.config
         if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas")
-        if timesteps is not None and c.use_karras_sigmas:
-            raise ValueError("custom timesteps cannot be combined with use_karras_sigmas=True")
+        if timesteps is not None and self._sigma_spacing is not None:
+            raise ValueError(f"custom timesteps cannot be combined with use_{self._sigma_spacing}_sigmas=True")
         if timesteps is not None and self._continuous_timesteps:
             raise ValueError("custom timesteps cannot be combined with continuous timesteps")
         train = self.train_sigmas
@@ -76,8 +77,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
                 ts, sigmas = self._spaced_sigmas(n)  # σ linear in t between training steps
             if c.interpolation_type == "log_linear":  # n + 1 log-spaced σ, σ_max to σ_min, whatever the t's (diffusers)
                 sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), n + 1).exp().numpy()
-            if c.use_karras_sigmas:
-                sigmas, ts = self._karras(sigmas[-1].item(), sigmas[0].item(), n)
+            if respaced := self._respaced(sigmas[-1].item(), sigmas[0].item(), n):
+                sigmas, ts = respaced
             sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
             sigmas = np.append(sigmas, sigma_last).astype(np.float32)
         self._set_table(ts, sigmas, device, torch.float32)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from .base import SchedulerOutput, SigmaScheduler
-from .config import BETA_SCHEDULES, NoiseScheduleConfig, SigmaKeys, one_of
+from .config import BETA_SCHEDULES, NoiseScheduleConfig, SigmaSpacingKeys, one_of
 from .schedule import ve_denoised
 
 
 @dataclass(frozen=True)
-class HeunDiscreteConfig(SigmaKeys, NoiseScheduleConfig):
+class HeunDiscreteConfig(SigmaSpacingKeys, NoiseScheduleConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = one_of("linear", (*BETA_SCHEDULES, "exp"))
@@ -35,6 +35,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     config_class = HeunDiscreteConfig
     order = 2
+    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
@@ -50,11 +51,27 @@ class HeunDiscreteScheduler(SigmaScheduler):
         """True when the next step() call is a predictor (Euler) stage."""
         return self.dt is None
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        n = self.num_inference_steps = self._check_num_steps(num_inference_steps)
-        ts, sigmas = self._spaced_sigmas(n)
-        if self.config.use_karras_sigmas:
-            sigmas, ts = self._karras(sigmas[-1].item(), sigmas[0].item(), n)
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        num_train_timesteps: int | None = None,
+        timesteps: list[float] | None = None,
+    ) -> None:
+        """`num_inference_steps` spaced steps (over `num_train_timesteps` if given), or custom `timesteps`."""
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        if timesteps is not None and self._sigma_spacing is not None:
+            raise ValueError(f"custom timesteps cannot be combined with use_{self._sigma_spacing}_sigmas=True")
+        if timesteps is not None:
+            n = self.num_inference_steps = len(timesteps)
+            ts = np.array(timesteps, dtype=np.float32)
+            sigmas = np.interp(ts, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        else:
+            n = self.num_inference_steps = self._check_num_steps(num_inference_steps)
+            ts, sigmas = self._spaced_sigmas(n, num_train_timesteps)
+        if respaced := self._respaced(sigmas[-1].item(), sigmas[0].item(), n):
+            sigmas, ts = respaced
         sigmas = np.append(sigmas, 0.0).astype(np.float32)
         # [σ_0, σ_1, σ_1, σ_2, σ_2, ..., σ_{n-1}, σ_{n-1}, 0] and [t_0, t_1, t_1, ..., t_{n-1}, t_{n-1}]
         sigmas = np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])

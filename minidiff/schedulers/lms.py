@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from .base import SchedulerOutput, SigmaScheduler
-from .config import NoiseScheduleConfig, SigmaKeys
+from .config import NoiseScheduleConfig, SigmaSpacingKeys
 from .schedule import ve_denoised
 
 
 @dataclass(frozen=True)
-class LMSDiscreteConfig(SigmaKeys, NoiseScheduleConfig):
+class LMSDiscreteConfig(SigmaSpacingKeys, NoiseScheduleConfig):
     """LMS takes the shared keys and the σ-spacing ones."""
 
 
@@ -44,6 +44,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
 
     config_class = LMSDiscreteConfig
     order = 1
+    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
@@ -52,8 +53,8 @@ class LMSDiscreteScheduler(SigmaScheduler):
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         n = self.num_inference_steps = self._check_num_steps(num_inference_steps)
         ts, sigmas = self._spaced_sigmas(n)
-        if self.config.use_karras_sigmas:
-            sigmas, ts = self._karras(sigmas[-1].item(), sigmas[0].item(), n, use_config=False)
+        if respaced := self._respaced(sigmas[-1].item(), sigmas[0].item(), n, karras_config=False):
+            sigmas, ts = respaced
         self._set_table(ts, np.append(sigmas, 0.0), device, torch.float32)
         self.derivatives = []
 

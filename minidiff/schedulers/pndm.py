@@ -73,18 +73,18 @@ class PNDMScheduler(DiscreteScheduler):
             prk = np.stack([top, top + half], axis=1).reshape(-1)  # t, t + h for each
             self.prk_timesteps = prk[:-1].repeat(2)[1:-1][::-1].copy()
             self.plms_timesteps = ts[self.pndm_order - 1 :].copy()
-        timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._set_discrete_timesteps(np.concatenate([self.prk_timesteps, self.plms_timesteps]), device)
         self._reset_state()
 
     def step(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
     ) -> SchedulerOutput | tuple:
         self._check_ready()
+        t = self._timestep_value(timestep)
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
-            prev_sample = self._step_prk(model_output, int(timestep), sample)
+            prev_sample = self._step_prk(model_output, t, sample)
         else:
-            prev_sample = self._step_plms(model_output, int(timestep), sample)
+            prev_sample = self._step_plms(model_output, t, sample)
         self.counter += 1
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 

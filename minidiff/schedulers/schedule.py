@@ -1,4 +1,5 @@
-"""The noise-schedule maths the schedulers share: β and ᾱ, σ, timestep spacing, Karras σ's, x̂_0 / ε̂.
+"""The noise-schedule maths the schedulers share: β and ᾱ, σ, timestep spacing, Karras / exponential / beta
+σ's, x̂_0 / ε̂ and its dynamic thresholding.
 
 The forward process is q(x_t | x_0) = N(sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I) with ᾱ_t = ∏ (1 - β_s). The
 sigma-parameterised samplers (k-diffusion, Karras et al. 2022) use x = x_0 + σ ε with
@@ -15,6 +16,11 @@ References:
 4. Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", 2023
    (zero terminal SNR, Algorithm 1; leading / linspace / trailing spacing, Table 2).
 5. Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models", 2022 (λ).
+6. Lee et al., "Beta Sampling is All You Need: Efficient Image Generation Strategy for Diffusion Models
+   using Stepwise Spectral Analysis", 2024 (σ's spaced by the Beta(0.6, 0.6) quantiles).
+7. Saharia et al., "Photorealistic Text-to-Image Diffusion Models with Deep Language Understanding", 2022
+   (dynamic thresholding, §2.3).
+8. NIST Digital Library of Mathematical Functions, §8.17 (the incomplete beta function, eq. 8.17.22).
 """
 
 from __future__ import annotations
@@ -121,6 +127,71 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     ramp = np.linspace(0, 1, n)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n σ's evenly spaced in log σ, from sigma_max down to sigma_min."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """σ_i = σ_min + F⁻¹(1 - i/(n-1)) (σ_max - σ_min), F the Beta(α, β) CDF [6]: dense at both ends."""
+    return sigma_min + beta_ppf(1 - np.linspace(0, 1, n), alpha, beta) * (sigma_max - sigma_min)
+
+
+def betainc(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    """The regularized incomplete beta function I_x(a, b) = ∫_0^x t^(a-1) (1-t)^(b-1) dt / B(a, b), float64.
+
+    The continued fraction [8, eq. 8.17.22], I_x(a, b) = x^a (1-x)^b / (a B(a, b)) / (1 + d_1/(1 + d_2/(1 + ...)))
+    with d_2m+1 = -(a+m)(a+b+m) x / ((a+2m)(a+2m+1)) and d_2m = m (b-m) x / ((a+2m-1)(a+2m)), converges
+    fast for x < (a+1)/(a+b+2); above that I_x(a, b) = 1 - I_{1-x}(b, a). The fraction is evaluated
+    front to back by Lentz's method: G_k = G_{k-1} C_k D_k with C_k = 1 + d_k / C_{k-1}, D_k = 1 / (1 + d_k D_{k-1}).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    flip = x > (a + 1) / (a + b + 2)
+    p, q, y = np.where(flip, b, a), np.where(flip, a, b), np.where(flip, 1 - x, x)
+    tiny = 1e-300
+
+    def nonzero(v: np.ndarray) -> np.ndarray:
+        return np.where(np.abs(v) < tiny, tiny, v)
+
+    G, C, D = np.ones_like(y), np.ones_like(y), np.zeros_like(y)
+    for k in range(1, 500):
+        m = k // 2
+        if k % 2:
+            d = -(p + m) * (p + q + m) * y / ((p + 2 * m) * (p + 2 * m + 1))
+        else:
+            d = m * (q - m) * y / ((p + 2 * m - 1) * (p + 2 * m))
+        D = 1 / nonzero(1 + d * D)
+        C = nonzero(1 + d / C)
+        G = G * C * D
+        if np.all(np.abs(C * D - 1) < 1e-15):
+            break
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)  # symmetric in (a, b)
+    log_front = p * np.log(np.maximum(y, tiny)) + q * np.log1p(-y) - np.log(p) - log_beta
+    value = np.where(y > 0, np.exp(log_front) / G, 0.0)
+    return np.where(flip, 1 - value, value)
+
+
+def beta_ppf(u: np.ndarray, a: float, b: float) -> np.ndarray:
+    """The Beta(a, b) quantile F⁻¹(u): the x with I_x(a, b) = u, by bisection (I rises with x), to float64 precision."""
+    u = np.asarray(u, dtype=np.float64)
+    lo, hi = np.zeros_like(u), np.ones_like(u)
+    for _ in range(64):  # the bracket halves each time: 2⁻⁶⁴ is below float64 resolution on [0, 1]
+        mid = (lo + hi) / 2
+        below = betainc(a, b, mid) < u
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return np.where(u <= 0, 0.0, np.where(u >= 1, 1.0, (lo + hi) / 2))
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding of x̂_0 [7, §2.3]: s = the `ratio` quantile of |x̂_0| per sample, clamped to
+    [1, max_value]; x̂_0 is clipped to [-s, s] and divided by s (s = 1 is plain clipping to [-1, 1])."""
+    flat = x0.reshape(x0.shape[0], -1)
+    if flat.dtype not in (torch.float32, torch.float64):  # quantile needs float32 or float64
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:

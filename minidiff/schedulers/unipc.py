@@ -24,18 +24,18 @@ import torch
 from .base import SchedulerOutput, VPSolverScheduler
 from .config import (
     FINAL_SIGMAS_TYPES,
+    DynamicThresholdingKeys,
     FlowKeys,
     NoiseScheduleConfig,
-    SigmaKeys,
-    ThresholdingKeys,
+    SigmaSpacingKeys,
     not_implemented,
     one_of,
 )
-from .schedule import alpha_sigma_lambda, solver_timesteps, vp_x0_eps
+from .schedule import alpha_sigma_lambda, dynamic_threshold, solver_timesteps, vp_x0_eps
 
 
 @dataclass(frozen=True)
-class UniPCMultistepConfig(FlowKeys, SigmaKeys, ThresholdingKeys, NoiseScheduleConfig):
+class UniPCMultistepConfig(FlowKeys, SigmaSpacingKeys, DynamicThresholdingKeys, NoiseScheduleConfig):
     solver_order: int = one_of(2, (1, 2, 3))
     predict_x0: bool = True  # the solver's variable: x̂_0, or ε̂
     # B(h); a DPM-Solver / DEIS config's solver_type is mapped as diffusers maps it
@@ -68,14 +68,25 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         self.last_sample: torch.Tensor | None = None  # x_s of the previous step, for the corrector
         self.this_order = 1  # the predictor order of the previous step = the corrector order of this one
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+    ) -> None:
+        """`num_inference_steps` spaced steps (custom `sigmas` are for flow-matching models, not implemented)."""
+        if sigmas is not None:
+            raise ValueError(
+                "UniPCMultistepScheduler takes custom sigmas only with use_flow_sigmas=True (not implemented)"
+            )
         c = self.config
         n = self._check_num_steps(num_inference_steps)
         ts = solver_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         train = self.train_sigmas
-        if c.use_karras_sigmas:
-            sigmas, ts = self._karras(train[0].item(), train[-1].item(), n)
-            ts = ts.round()
+        if respaced := self._respaced(train[0].item(), train[-1].item(), n):
+            sigmas, ts = respaced
+            if c.use_karras_sigmas:
+                ts = ts.round()  # (exponential and beta t's are truncated by the int64 cast, as in diffusers)
             sigma_last = 0.0 if c.final_sigmas_type == "zero" else sigmas[-1]  # (not σ at t = 0: diffusers)
         else:
             sigmas = np.interp(ts, np.arange(len(train)), train)
@@ -88,7 +99,10 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         """The solver's variable at the current σ: x̂_0 (predict_x0) or ε̂."""
         alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[self._step_index])
         if self.predict_x0:
-            return vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
+            x0 = vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
+            if self.config.thresholding:
+                x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            return x0
         if self.config.prediction_type == "epsilon":
             return model_output
         return vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[1]
