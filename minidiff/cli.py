@@ -139,11 +139,11 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
     except BatchError as e:
         raise SystemExit(f"minidiff generate: {e}") from None
 
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+        torch.cuda.set_device(device)
     started = not dist.is_initialized()
     world = World.init(device.type)  # torchrun's process group, or the world of one
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", world.local_rank)  # one GPU per rank
-        torch.cuda.set_device(device)
     _set_threads(args.threads, world.local_size)
     pipe = StableDiffusionPipeline.from_pretrained(
         model, local_files_only=args.local_files_only or model == DEFAULT_MODEL
