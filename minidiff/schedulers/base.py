@@ -260,7 +260,7 @@ class SigmaScheduler(SchedulerMixin):
     _unknown_timestep_is_last: ClassVar[bool] = False
     # add_noise form: x_0 + σ ε (LMS, Euler, Heun) or α x_0 + σ_t ε with α = 1/sqrt(σ² + 1) (DPM, UniPC)
     _variance_preserving: ClassVar[bool] = False
-    # refuse more than one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (UniPC takes the first)
+    # refuse more than one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (diffusers does)
     _one_sigma_spacing: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
@@ -411,3 +411,13 @@ class VPSolverScheduler(SigmaScheduler):
 
     _unknown_timestep_is_last = True
     _variance_preserving = True
+
+    def _solver_sigmas(self, ts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The σ's of the n steps at the spaced timesteps `ts`, the timesteps to use, and whether they were respaced:
+        by the config's use_<kind>_sigmas (the t's read back from the σ's; Karras' rounded, the others truncated
+        by the int64 cast, as in diffusers), else σ interpolated linearly in t at `ts`."""
+        train = self.train_sigmas
+        if respaced := self._respaced(train[0].item(), train[-1].item(), n):
+            sigmas, ts = respaced
+            return sigmas, ts.round() if self.config.use_karras_sigmas else ts, True
+        return np.interp(ts, np.arange(len(train)), train), ts, False
