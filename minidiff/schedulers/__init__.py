@@ -11,7 +11,10 @@ from .base import SchedulerMixin, SchedulerOutput
 from .config import NoiseScheduleConfig
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis_multistep import DEISMultistepScheduler
 from .dpm_solver_multistep import DPMSolverMultistepScheduler
+from .dpm_solver_sde import DPMSolverSDEScheduler
+from .dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
@@ -31,6 +34,9 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
         HeunDiscreteScheduler,
         DPMSolverMultistepScheduler,
         UniPCMultistepScheduler,
+        DPMSolverSinglestepScheduler,
+        DEISMultistepScheduler,
+        DPMSolverSDEScheduler,
     )
 }
 
