@@ -27,6 +27,7 @@ from ..schedulers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
 )
@@ -44,6 +45,7 @@ STOCHASTIC_SCHEDULERS = (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerDiscreteScheduler,
     EulerAncestralDiscreteScheduler,
 )
