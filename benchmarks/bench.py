@@ -2,8 +2,7 @@
 
 Usage (the committed tables: benchmarks/README.md):
     python benchmarks/bench.py --make-weights /tmp/minidiff-bench/sd15
-    python benchmarks/bench.py --dtype fp32 --only unet32,unet64,vae256,vae512,text,txt2img,ttfo --memory \
-        --json out.json
+    python benchmarks/bench.py --dtype fp32 --only unet32,unet64,vae256,vae512,text,txt2img,ttfo --memory --json o.json
     python benchmarks/bench.py --dtype bf16 --only unet32 --compile
 
 Each workload runs the two implementations interleaved (A B A B ...) after warm-up, so slow drifts
