@@ -239,7 +239,7 @@ def preflight(
 ) -> None:
     """Every check that needs no model: the world fits the items, DIR is writable, and (unless resume=False)
     a manifest already in DIR was made with the same model / dtype / device and item settings. The CLI runs
-    it before loading the model; generate_many repeats it with the model's size and scheduler filled in."""
+    it before loading the model; generate_many checks the same again with the model's size and scheduler filled in."""
     if world_size > len(items):
         raise BatchError(f"{world_size} processes for {len(items)} items: start at most {len(items)}")
     outdir = Path(outdir)
