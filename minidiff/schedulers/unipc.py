@@ -55,6 +55,7 @@ class UniPCMultistepScheduler(VPSolverScheduler):
 
     config_class = UniPCMultistepConfig
     order = 1
+    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
