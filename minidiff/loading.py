@@ -16,13 +16,14 @@ import os
 import pickle
 import re
 import zipfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
 
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _LFS_POINTER = b"version https://git-lfs"
+_HUB_CACHE_REPO = ("models--", "datasets--", "spaces--")  # a repo's folder in the Hugging Face cache
 
 
 class CheckpointError(ValueError):
@@ -33,6 +34,35 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def check_entry(name: Any, what: str) -> str:
+    """A relative path named inside a checkpoint (a shard, a subfolder): no '..', not absolute."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{what}: {name!r} is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts:
+        raise CheckpointError(f"{what} names {name!r}, which is outside the model folder; refusing it")
+    return name
+
+
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where a file of the folder `root` may really lie: inside it, and for a Hugging Face cache
+    snapshot (models--owner--name/snapshots/<commit>) in that repo's blobs/, where its links point."""
+    real = Path(os.path.realpath(root))
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _check_inside(path: Path, root: Path, entry: str) -> None:
+    """`path` (root/entry) must resolve, symlinks followed, inside `root` (or its Hub cache blobs)."""
+    real = Path(os.path.realpath(path))
+    # a folder downloaded with symlinks into the Hub cache (huggingface-cli --local-dir, older versions)
+    in_hub_blobs = real.parent.name == "blobs" and real.parent.parent.name.startswith(_HUB_CACHE_REPO)
+    if not in_hub_blobs and not any(real.is_relative_to(r) for r in _allowed_roots(root)):
+        raise CheckpointError(f"{entry} in {root} resolves to {real}, outside the model folder; refusing it")
+
+
 def resolve_file(
     path_or_id: str | os.PathLike,
     filename: str,
@@ -41,11 +71,15 @@ def resolve_file(
     local_files_only: bool = False,
     required: bool = True,
 ) -> Path | None:
-    """Local path of `subfolder/filename` in a folder or a Hub repo; None if absent and not required."""
+    """Local path of `subfolder/filename` in a folder or a Hub repo; None if absent and not required.
+    The path must stay inside the folder (or the repo's cache), symlinks followed: checked before
+    anything is opened."""
     local = Path(path_or_id)
-    rel = Path(subfolder or "") / filename
+    entry = check_entry(f"{subfolder}/{filename}" if subfolder else filename, f"the file asked of {path_or_id}")
+    rel = Path(entry)
     if local.is_dir():
         path = local / rel
+        _check_inside(path, local, entry)
         if path.is_file():
             return path
         if required:
@@ -62,7 +96,7 @@ def resolve_file(
 
     offline = local_files_only or _hub_offline()
     try:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only))
+        path = Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only))
     except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: catch it first)
         if required:
             where = "and the Hub is offline" if offline else "and the Hub could not be reached"
@@ -77,6 +111,8 @@ def resolve_file(
         return None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"the Hub repo {repo_id} does not exist or is not accessible") from None
+    _check_inside(path, path.parents[len(rel.parts) - 1], entry)  # the snapshot folder it came from
+    return path
 
 
 def load_json(path: Path) -> dict[str, Any]:
@@ -131,9 +167,10 @@ def find_weight_files(
                 weight_map = load_json(index).get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise CheckpointError(f"{index} has no 'weight_map'")
+                # every name checked before any shard is looked up or opened
+                shards = sorted({check_entry(v, f"the weight_map of {index} ({k!r})") for k, v in weight_map.items()})
                 return [
-                    resolve_file(path_or_id, shard, subfolder, local_files_only=local_files_only)
-                    for shard in sorted(set(weight_map.values()))
+                    resolve_file(path_or_id, shard, subfolder, local_files_only=local_files_only) for shard in shards
                 ]
     where = f"{path_or_id}" + (f"/{subfolder}" if subfolder else "")
     raise FileNotFoundError(f"no weights in {where}: looked for {', '.join(tried)}")
