@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from weights_conversion import ModelFormat
 
-from . import fast, ldm_file
+from . import fast, files, ldm_file
 from .loading import find_weight_files, load_config, read_state_dict
 
 
@@ -137,21 +136,27 @@ class ModelMixin(nn.Module):
         return fast.apply(self.eval().requires_grad_(False))  # CPU speed-ups, same maths (minidiff/fast.py)
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, safe_serialization: bool = True, variant: str | None = None
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        overwrite: bool | None = None,
     ) -> None:
-        """Write config.json + weights in the diffusers / transformers layout (loadable by them)."""
+        """Write config.json + weights in the diffusers / transformers layout (loadable by them).
+        Every file is written atomically; `overwrite` as minidiff.files.output_folder: None writes into
+        an existing folder as diffusers does, True replaces the whole folder, False refuses one."""
         fmt = self.weights_format
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / self.config_name).write_text(
-            json.dumps(fmt.config_to_dict(self.config), indent=2, sort_keys=True) + "\n"
-        )
         state_dict = {k: v.detach().contiguous() for k, v in fmt.export(self.state_dict(), self.config).items()}
         stem = self.weights_names[0] if safe_serialization else self.weights_names[-1]
         name = stem + (f".{variant}" if variant else "")
-        if safe_serialization:
-            from safetensors.torch import save_file
+        config = json.dumps(fmt.config_to_dict(self.config), indent=2, sort_keys=True) + "\n"
+        with files.output_folder(save_directory, overwrite, marker=self.config_name) as out:
+            if safe_serialization:
+                from safetensors.torch import save_file
 
-            save_file(state_dict, str(out / f"{name}.safetensors"), metadata={"format": "pt"})
-        else:
-            torch.save(state_dict, out / f"{name}.bin")
+                with files.atomic_file(out / f"{name}.safetensors") as tmp:
+                    save_file(state_dict, str(tmp), metadata={"format": "pt"})
+            else:
+                with files.atomic_file(out / f"{name}.bin") as tmp:
+                    torch.save(state_dict, tmp)
+            files.write_text(out / self.config_name, config)

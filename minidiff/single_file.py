@@ -24,6 +24,7 @@ import torch
 
 from weights_conversion import ConversionError, ldm, ldm_clip, ldm_unet, ldm_vae
 
+from . import files
 from .autoencoder_kl import AutoencoderKL
 from .clip_text import CLIPTextModel
 from .ldm_file import file_dtype, from_variant, inferred, load_component, read_single_file
@@ -110,19 +111,24 @@ def _check_reads_back(parts: dict[str, dict[str, torch.Tensor]], **models: Any) 
             )
 
 
-def save_single_file(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, half: bool = False) -> Path:
-    """Write .safetensors, or a .ckpt nested under "state_dict" like LDM's own checkpoints."""
+def save_single_file(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, half: bool = False, overwrite: bool = False
+) -> Path:
+    """Write .safetensors, or a .ckpt nested under "state_dict" like LDM's own checkpoints. Written
+    under a temporary name and renamed into place when complete; an existing file is refused unless
+    `overwrite`, and then replaced only by the complete new one."""
     path = Path(path)
-    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(sd, str(path), metadata={"format": "pt"})
-    elif path.suffix == ".ckpt":
-        torch.save({"state_dict": sd}, path)
-    else:
+    if path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{path}: a single file ends in .safetensors or .ckpt")
+    files.check_file_destination(path, overwrite)
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous() for k, v in state_dict.items()}
+    with files.atomic_file(path, overwrite) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save({"state_dict": sd}, tmp)
     return path
 
 

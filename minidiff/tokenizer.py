@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tokenizers.models import BPE
 
 from weights_conversion.clip_vocab import vocab_and_merges  # OpenAI's BPE file format lives there
 
+from . import files
 from .loading import CheckpointError, load_json, resolve_file
 
 BOS_TOKEN = "<|startoftext|>"
@@ -243,11 +245,19 @@ class CLIPTokenizer:
         vocab, merges = vocab_and_merges(_DEFAULT_VOCAB)
         return cls(vocab, merges, pad_token=pad_token, model_max_length=model_max_length)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (transformers' layout)."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.model.save(str(out))  # writes vocab.json and merges.txt ("#version: 0.2" header)
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool | None = None) -> None:
+        """vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json (transformers' layout),
+        each written atomically; `overwrite` as minidiff.files.output_folder."""
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            files.output_folder(save_directory, overwrite, "tokenizer_config.json") as out,
+        ):
+            # the tokenizers library writes vocab.json and merges.txt ("#version: 0.2" header) itself
+            for written in self._tokenizer.model.save(scratch):
+                files.write_bytes(out / Path(written).name, Path(written).read_bytes())
+            self._write_configs(out)
+
+    def _write_configs(self, out: Path) -> None:
         added = {
             str(i): {**{k: getattr(t, k) for k in _TOKEN_FLAGS}, "special": t.special}
             for i, t in sorted(self._tokenizer.get_added_tokens_decoder().items())
@@ -260,7 +270,7 @@ class CLIPTokenizer:
             "tokenizer_class": "CLIPTokenizer",
         }
         for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-            (out / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            files.write_text(out / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     # ------------------------------------------------------------------ vocabulary
 

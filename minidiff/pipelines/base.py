@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from weights_conversion.configs import DIFFUSERS_VERSION
 
+from .. import files
 from ..autoencoder_kl import AutoencoderKL
 from ..clip_text import CLIPTextModel
 from ..loading import load_config
@@ -133,22 +133,24 @@ class DiffusionPipeline:
                 raise TypeError(f"{pipeline_cls.__name__}.from_pretrained got unknown arguments {unknown}")
         return pipeline_cls(**components)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write model_index.json and one subfolder per component, in the diffusers layout."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool | None = None) -> None:
+        """Write one subfolder per component and model_index.json (last), in the diffusers layout.
+        Every file is written atomically. overwrite=None writes into an existing folder as diffusers
+        does (a new folder appears complete or not at all); True builds the new folder beside the old
+        one and swaps it in whole, so no stale file (an old fp16 variant) stays; False refuses one."""
         index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_VERSION}
-        for name in self.component_names:
-            component = getattr(self, name)
-            if component is None:
-                index[name] = [None, None]
-                continue
-            library = "transformers" if type(component).__name__.startswith("CLIP") else "diffusers"
-            index[name] = [library, type(component).__name__]
-            component.save_pretrained(out / name)
-        for name in OPTIONAL_COMPONENTS:
-            index.setdefault(name, [None, None])
-        (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        with files.output_folder(save_directory, overwrite, marker="model_index.json") as out:
+            for name in self.component_names:
+                component = getattr(self, name)
+                if component is None:
+                    index[name] = [None, None]
+                    continue
+                library = "transformers" if type(component).__name__.startswith("CLIP") else "diffusers"
+                index[name] = [library, type(component).__name__]
+                component.save_pretrained(out / name)
+            for name in OPTIONAL_COMPONENTS:
+                index.setdefault(name, [None, None])
+            files.write_text(out / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # -- devices, dtypes, progress ---------------------------------------------------------------
 
