@@ -8,8 +8,10 @@ torchrun --nproc-per-node 2 -m minidiff generate --prompts prompts.jsonl --outdi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -17,14 +19,30 @@ import torch.distributed as dist
 
 from weights_conversion import ConversionError
 
-from . import DEFAULT_MODEL
+from . import DEFAULT_MODEL, files
 from .batch import SCHEDULER_ALIASES, BatchError, World, dtype_name, generate_many, load_items, preflight
-from .loading import CheckpointError
+from .files import DestinationError
+from .loading import CheckpointError, load_config
 from .pipelines import DDPMPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from .schedulers import SCHEDULERS
 from .single_file import load_folder_models, load_pipeline, save_single_file, to_ldm_state_dict
 
-__all__ = ["SCHEDULER_ALIASES", "build_parser", "main"]
+__all__ = ["SCHEDULER_ALIASES", "CLIError", "build_parser", "main"]
+
+MAX_SEED = 2**63  # seeds are in [0, 2**63), as in a prompt file
+
+
+class CLIError(SystemExit):
+    """One line for the user; exit status 2 for a bad argument, 1 for a failure (main prints it)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line too, exit status 2
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _parse_dtype(name: str) -> torch.dtype:
@@ -37,26 +55,80 @@ def _parse_dtype(name: str) -> torch.dtype:
         "bfloat16": torch.bfloat16,
     }
     if name not in dtypes:
-        raise SystemExit(f"minidiff: unknown --dtype {name!r} (choose from {', '.join(dtypes)})")
+        raise CLIError(f"minidiff: unknown --dtype {name!r} (choose from {', '.join(dtypes)})")
     return dtypes[name]
 
 
-def _save_images(images, output: str) -> list[Path]:
+def _image_paths(output: str, count: int) -> list[Path]:
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if len(images) == 1:
-        paths = [out]
-    else:
-        paths = [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def _check_output(cmd: str, output: str, count: int) -> None:
+    """Before any model loads: an image file name PIL can write, in a folder that can be written."""
+    try:
+        for path in _image_paths(output, count):
+            if path.is_dir():
+                raise DestinationError(f"{path} is a folder; --output names the image file")
+        files.image_format(output)
+        files.check_writable_folder(Path(output).parent)
+    except DestinationError as e:
+        raise CLIError(f"minidiff {cmd}: --output {e}") from None
+
+
+def _save_images(images, output: str) -> list[Path]:
+    """Each image written atomically (an existing file is replaced only by the complete new image)."""
+    paths = _image_paths(output, len(images))
     for image, path in zip(images, paths):
-        image.save(path)
+        files.save_image(image, path)
     return paths
+
+
+def _check_numbers(cmd: str, args: argparse.Namespace) -> None:
+    """The numeric options, before anything loads."""
+    if not 0 <= args.seed < MAX_SEED:
+        raise CLIError(f"minidiff {cmd}: --seed must be in [0, 2**63), got {args.seed}")
+    for name in ("steps", "num_images", "threads", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise CLIError(f"minidiff {cmd}: --{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None and (value < 8 or value % 8):
+            raise CLIError(f"minidiff {cmd}: --{name} must be a positive multiple of 8, got {value}")
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None and not math.isfinite(guidance):
+        raise CLIError(f"minidiff {cmd}: --guidance must be a finite number, got {guidance}")
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise CLIError(f"minidiff {cmd}: --device {args.device!r}: {e}") from None
+    _parse_dtype(args.dtype)
+    if args.scheduler:
+        _scheduler_class(args.scheduler)
+
+
+def _check_model(cmd: str, model: str, unet_class: str, local_files_only: bool) -> None:
+    """Read model_index.json first: a missing folder, or a DDPM folder given to `generate` (an SD
+    folder to `ddpm`), is a one-line error before any weight loads."""
+    try:
+        index = load_config(model, None, "model_index.json", local_files_only)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise CLIError(f"minidiff {cmd}: {e}") from None
+    unet = index.get("unet")
+    found = unet[1] if isinstance(unet, list) and len(unet) == 2 else None
+    if found != unet_class:
+        other = "minidiff ddpm MODEL" if found == "UNet2DModel" else "minidiff generate --model MODEL"
+        raise CLIError(
+            f"minidiff {cmd}: {model} is a {index.get('_class_name')} folder (its unet is a {found}); "
+            f"`minidiff {cmd}` needs a {unet_class}" + (f" (try `{other}`)" if found else "")
+        )
 
 
 def _scheduler_class(name: str) -> type:
     cls = SCHEDULERS.get(SCHEDULER_ALIASES.get(name.lower(), name))
     if cls is None:
-        raise SystemExit(
+        raise CLIError(
             f"minidiff: unknown --scheduler {name!r}; choose from {', '.join(SCHEDULER_ALIASES)} "
             f"or a class name ({', '.join(sorted(SCHEDULERS))})"
         )
@@ -80,14 +152,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts is not None:
         return cmd_generate_many(args)
     if args.prompt is None:
-        raise SystemExit("minidiff generate: give a PROMPT, or --prompts FILE for many images")
+        raise CLIError("minidiff generate: give a PROMPT, or --prompts FILE for many images")
     if args.outdir is not None or args.batch_size is not None:
-        raise SystemExit("minidiff generate: --outdir and --batch-size go with --prompts FILE")
-    _set_threads(args.threads, 1)
+        raise CLIError("minidiff generate: --outdir and --batch-size go with --prompts FILE")
+    _check_numbers("generate", args)
+    output = args.output or "minidiff.png"
+    _check_output("generate", output, args.num_images)
     model = args.model or DEFAULT_MODEL  # the bundled toy model: offline, 64x64, shapes
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, local_files_only=args.local_files_only or model == DEFAULT_MODEL
-    )
+    local_only = args.local_files_only or model == DEFAULT_MODEL
+    _check_model("generate", model, "UNet2DConditionModel", local_only)
+    _set_threads(args.threads, 1)
+    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=local_only)
     if args.scheduler:
         pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
     pipe.to(args.device, _parse_dtype(args.dtype))
@@ -103,7 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images_per_prompt=args.num_images,
         generator=generator,
     ).images
-    for path in _save_images(images, args.output or "minidiff.png"):
+    for path in _save_images(images, output):
         print(path)
     return 0
 
@@ -111,15 +186,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_generate_many(args: argparse.Namespace) -> int:
     """--prompts FILE --outdir DIR: every check that needs no model, then this rank's share of the items."""
     if args.prompt is not None:
-        raise SystemExit("minidiff generate: give a PROMPT or --prompts FILE, not both")
+        raise CLIError("minidiff generate: give a PROMPT or --prompts FILE, not both")
     if args.outdir is None:
-        raise SystemExit("minidiff generate: --prompts needs --outdir DIR (the images and manifest.jsonl go there)")
+        raise CLIError("minidiff generate: --prompts needs --outdir DIR (the images and manifest.jsonl go there)")
     if args.output is not None or args.num_images != 1:
-        raise SystemExit(
+        raise CLIError(
             "minidiff generate: --output and --num-images are for one prompt; --prompts writes into --outdir"
         )
-    if args.batch_size is not None and args.batch_size < 1:
-        raise SystemExit(f"minidiff generate: --batch-size must be at least 1, got {args.batch_size}")
+    _check_numbers("generate", args)
     dtype = _parse_dtype(args.dtype)
     scheduler = _scheduler_class(args.scheduler).__name__ if args.scheduler else None
     model = args.model or DEFAULT_MODEL
@@ -137,7 +211,8 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
         )
         preflight(args.outdir, items, run, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
     except BatchError as e:
-        raise SystemExit(f"minidiff generate: {e}") from None
+        raise CLIError(f"minidiff generate: {e}") from None
+    _check_model("generate", model, "UNet2DConditionModel", args.local_files_only or model == DEFAULT_MODEL)
 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
@@ -161,7 +236,7 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
             verbose=args.verbose,
         )
     except BatchError as e:
-        raise SystemExit(f"minidiff generate: {e}") from None
+        raise CLIError(f"minidiff generate: {e}", code=1) from None
     finally:
         if started and world.distributed:
             dist.destroy_process_group()
@@ -171,6 +246,9 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
 
 
 def cmd_ddpm(args: argparse.Namespace) -> int:
+    _check_numbers("ddpm", args)
+    _check_output("ddpm", args.output, args.num_images)
+    _check_model("ddpm", args.model, "UNet2DModel", args.local_files_only)
     pipe = DDPMPipeline.from_pretrained(args.model, local_files_only=args.local_files_only)
     if args.scheduler:
         pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
@@ -183,18 +261,22 @@ def cmd_ddpm(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """An LDM single file -> a diffusers folder, or a diffusers folder -> an LDM single file."""
+    """An LDM single file -> a diffusers folder, or a diffusers folder -> an LDM single file. Every
+    check on DST comes before anything loads; the new file or folder is written beside DST and
+    renamed / swapped into place only when complete (an existing DST needs --overwrite)."""
     src, dst = Path(args.src), Path(args.dst)
     try:
         if src.is_dir():
             if dst.suffix not in (".safetensors", ".ckpt"):
-                raise SystemExit(
+                raise CLIError(
                     f"minidiff convert: converting the folder {src} needs a DST ending in .safetensors or .ckpt"
                 )
-            save_single_file(to_ldm_state_dict(**load_folder_models(src)), dst, half=args.half)
+            files.check_file_destination(dst, args.overwrite, sources=[src])
+            state_dict = to_ldm_state_dict(**load_folder_models(src))
+            save_single_file(state_dict, dst, half=args.half, overwrite=args.overwrite)
         elif src.is_file():
-            if dst.exists() and not dst.is_dir():
-                raise SystemExit(f"minidiff convert: {dst} exists and is not a folder")
+            sources = [src] + ([args.tokenizer] if args.tokenizer else [])
+            files.check_folder_destination(dst, args.overwrite, sources, marker="model_index.json")
             # "auto": every model stays in its file's dtype, so the conversion is bit-exact
             pipe = load_pipeline(
                 StableDiffusionPipeline,
@@ -206,24 +288,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
             )
             if pipe.unet.config.in_channels == 9:  # an inpainting UNet: name the pipeline that can run it
                 pipe = StableDiffusionInpaintPipeline(**pipe.components)
-            pipe.save_pretrained(dst)
+            with files.atomic_folder(dst, args.overwrite, sources, marker="model_index.json") as tmp:
+                pipe.save_pretrained(tmp)
         else:
-            raise SystemExit(f"minidiff convert: {src} does not exist")
-    except (CheckpointError, ConversionError, FileNotFoundError) as e:
-        raise SystemExit(f"minidiff convert: {e}") from None
+            raise CLIError(f"minidiff convert: {src} does not exist")
+    except DestinationError as e:
+        raise CLIError(
+            f"minidiff convert: {e}".replace("pass overwrite=True (--overwrite)", "pass --overwrite")
+        ) from None
     print(dst)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     scheduler_help = "swap in another scheduler (from_config): " + ", ".join(SCHEDULER_ALIASES) + " or a class name"
-    parser = argparse.ArgumentParser(
-        prog="minidiff", description="minidiff: Stable Diffusion / DDPM inference in plain PyTorch"
-    )
+    parser = _Parser(prog="minidiff", description="minidiff: Stable Diffusion / DDPM inference in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
     p = sub.add_parser(
         "generate",
+        parents=[common],
         help="text to image with a Stable Diffusion pipeline folder or Hub id",
         epilog="schedulers: " + ", ".join(f"{k} ({v})" for k, v in SCHEDULER_ALIASES.items()),
     )
@@ -265,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--verbose", action="store_true", help="a line per image from every rank instead of the bar")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("ddpm", help="unconditional images from a DDPM UNet2DModel pipeline folder or Hub id")
+    p = sub.add_parser(
+        "ddpm", parents=[common], help="unconditional images from a DDPM UNet2DModel pipeline folder or Hub id"
+    )
     p.add_argument("model", help="pipeline folder or Hub id (e.g. google/ddpm-cat-256)")
     p.add_argument("--steps", type=int, default=1000, help="number of denoising steps (default 1000)")
     p.add_argument("--scheduler", help=scheduler_help)
@@ -279,13 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
+        parents=[common],
         help="CompVis/LDM single file <-> diffusers folder (direction from SRC)",
         description="SRC a .safetensors / .ckpt single file -> DST a diffusers pipeline folder; "
         "SRC a diffusers Stable Diffusion folder -> DST a .safetensors or .ckpt file. "
-        "Tensors are copied bit for bit, in their own dtype unless --half.",
+        "Tensors are copied bit for bit, in their own dtype unless --half. DST is written beside itself and "
+        "renamed into place when complete; an existing DST is refused unless --overwrite.",
     )
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DST (a folder only if it has a model_index.json), once the new one is complete",
+    )
     p.add_argument("--half", action="store_true", help="write float16 weights")
     p.add_argument(
         "--prediction-type",
@@ -309,9 +404,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _as_cli_error(error: BaseException, command: str) -> CLIError:
+    """Exit status 2 for what the user passed (a path, a value the pipeline refused), 1 for failures."""
+    where = f"minidiff {command}: "
+    if isinstance(error, CLIError):
+        return error
+    if isinstance(error, KeyboardInterrupt):
+        return CLIError(where + "interrupted", 130)
+    if isinstance(error, (CheckpointError, ConversionError)):  # the model files, not the arguments
+        return CLIError(where + _one_line(error), 1)
+    if isinstance(error, (DestinationError, BatchError, ValueError, FileNotFoundError)):
+        return CLIError(where + _one_line(error), 2)
+    if isinstance(error, OSError):  # e.g. a full disk while writing
+        return CLIError(where + _one_line(error), 1)
+    return CLIError(f"{where}{type(error).__name__}: {_one_line(error)} (--debug shows the traceback)", 1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Errors are one line on stderr and a CLIError (a SystemExit: status 2 for a bad argument, 1 for
+    a failure); --debug prints the traceback too."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BaseException as e:
+        if isinstance(e, SystemExit) and not isinstance(e, CLIError):
+            raise
+        error = _as_cli_error(e, args.command)
+        if args.debug:
+            traceback.print_exc()
+        print(_one_line(error), file=sys.stderr)
+        raise error from None
 
 
 if __name__ == "__main__":
