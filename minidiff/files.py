@@ -19,6 +19,7 @@ import errno
 import io
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,13 @@ def _fsync(path: Path) -> None:
 
 def _tmp_name(path: Path) -> str:
     return f"{TMP_PREFIX}{path.name}."
+
+
+def _default_mode(folder: bool) -> int:
+    """What open() / mkdir() would give under the umask (mkstemp / mkdtemp make 0600 / 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def check_not_nested(source: str | os.PathLike, destination: str | os.PathLike) -> None:
@@ -105,8 +113,11 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     fd, name = tempfile.mkstemp(prefix=_tmp_name(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    # a replaced file keeps its permissions, a new one gets the usual ones
+    mode = stat.S_IMODE(os.stat(path).st_mode) if path.is_file() else _default_mode(folder=False)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # after the writer: some (safetensors) replace the file they are given
         _fsync(tmp)
         if overwrite:
             os.replace(tmp, path)
@@ -249,6 +260,7 @@ def atomic_folder(
     path = check_folder_destination(path, overwrite, sources, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_name(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _default_mode(folder=True))
     try:
         yield tmp
         _fsync_tree(tmp)
