@@ -44,19 +44,11 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], owner: str) -> N
         raise ValueError(f"{owner}: {name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
 
 
-@dataclass(frozen=True)
-class BetaScheduleConfig(ConfigBase):
-    """The keys every scheduler takes: the training schedule β_1..β_T and what the network predicts."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = one_of("linear", BETA_SCHEDULES)
-    trained_betas: Any = None  # β given outright: beta_schedule is then unused
-    prediction_type: str = one_of("epsilon", PREDICTION_TYPES)
+class SchedulerConfig(ConfigBase):
+    """What every scheduler config does with its keys (the EDM schedulers have no β ones)."""
 
     @classmethod
-    def validated(cls, owner: str, **given: Any) -> BetaScheduleConfig:
+    def validated(cls, owner: str, **given: Any) -> SchedulerConfig:
         """The config of scheduler `owner`: aliases mapped, unknown keys a TypeError, refused values a ValueError."""
         fields = dataclasses.fields(cls)
         if unknown := sorted(given.keys() - {f.name for f in fields}):
@@ -68,11 +60,23 @@ class BetaScheduleConfig(ConfigBase):
         for f in fields:
             value = getattr(config, f.name)
             # (with trained_betas the schedule's name is unused: diffusers does not look at it either)
-            if "choices" in f.metadata and not (f.name == "beta_schedule" and config.trained_betas is not None):
+            if "choices" in f.metadata and not (f.name == "beta_schedule" and config.get("trained_betas") is not None):
                 check_choice(f.name, value, f.metadata["choices"], owner)
             if f.metadata.get("not_implemented") and value != f.default:
                 raise ValueError(f"{owner}: {f.name}={value!r} is not implemented in minidiff")
         return config
+
+
+@dataclass(frozen=True)
+class BetaScheduleConfig(SchedulerConfig):
+    """The keys every scheduler but EDM's takes: the training schedule β_1..β_T and what the network predicts."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = one_of("linear", BETA_SCHEDULES)
+    trained_betas: Any = None  # β given outright: beta_schedule is then unused
+    prediction_type: str = one_of("epsilon", PREDICTION_TYPES)
 
 
 @dataclass(frozen=True)

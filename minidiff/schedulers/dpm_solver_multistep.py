@@ -119,20 +119,24 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
             x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         return x0
 
+    def _alpha_sigma_lambda(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t, λ_t) at a σ of the table: the VP process (the EDM subclass has α_t = 1, σ_t = σ)."""
+        return alpha_sigma_lambda(sigma)
+
     def _update(self, order: int, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """One DPM-Solver++ step of the given order from σ_i to σ_{i+1}, using the last `order` D's."""
         i = self._step_index
-        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1])
-        _, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[i])
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.sigmas[i + 1])
+        _, sigma_s, lambda_s = self._alpha_sigma_lambda(self.sigmas[i])
         h = lambda_t - lambda_s
         m = self.model_outputs
         D0, D1, D2 = m[-1], None, None
         if order >= 2:
-            lambda_s1 = alpha_sigma_lambda(self.sigmas[i - 1])[2]
+            lambda_s1 = self._alpha_sigma_lambda(self.sigmas[i - 1])[2]
             r0 = (lambda_s - lambda_s1) / h
             D1 = (1.0 / r0) * (m[-1] - m[-2])
         if order == 3:
-            lambda_s2 = alpha_sigma_lambda(self.sigmas[i - 2])[2]
+            lambda_s2 = self._alpha_sigma_lambda(self.sigmas[i - 2])[2]
             r1 = (lambda_s1 - lambda_s2) / h
             D1_0, D1_1 = D1, (1.0 / r1) * (m[-2] - m[-3])
             D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)

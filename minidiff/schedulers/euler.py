@@ -85,6 +85,13 @@ class EulerDiscreteScheduler(SigmaScheduler):
         if self._continuous_timesteps:
             self.timesteps = (0.25 * self.sigmas[:-1].log()).to(device)
 
+    def _denoised(
+        self, model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_hat: torch.Tensor
+    ) -> torch.Tensor:
+        """D(x; σ̂) from the network output (diffusers evaluates ε at σ̂ but v at σ: they differ only when churning)."""
+        pt = self.config.prediction_type
+        return ve_denoised(model_output, x, sigma_hat if pt == "epsilon" else sigma, pt)
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -107,9 +114,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         if gamma > 0:  # churn: add noise to go up from σ to σ̂
             eps = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
             x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
-        # diffusers evaluates ε at σ̂ but v at σ (they only differ when churning)
-        pt = self.config.prediction_type
-        denoised = ve_denoised(model_output, x, sigma_hat if pt == "epsilon" else sigma, pt)
+        denoised = self._denoised(model_output, x, sigma, sigma_hat)
         d = (x - denoised) / sigma_hat
         dt = self.sigmas[i + 1] - sigma_hat
         prev_sample = (x + d * dt).to(model_output.dtype)
