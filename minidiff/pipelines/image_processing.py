@@ -1,8 +1,18 @@
 """Images in and out of the VAE: PIL / numpy / tensor -> [-1, 1] tensors, masks -> {0, 1}, and back.
 
 Mirrors diffusers' VaeImageProcessor for the inputs the Stable Diffusion pipelines take, so the
-same picture gives the same tensor: PIL images are resized (Lanczos) to a multiple of 8, numpy
-arrays and tensors are expected in [0, 1] (tensors already in [-1, 1] are passed through).
+same picture gives the same tensor: PIL images are resized (Lanczos) to a multiple of 8, float
+numpy arrays and tensors are expected in [0, 1] (tensors already in [-1, 1] are passed through).
+
+Where diffusers misreads an input, minidiff reads it by what it is, or refuses it by name:
+- PIL images of any 8-bit mode (L, LA, P, RGBA, CMYK, ...) are converted to RGB (masks to L), as
+  diffusers' `do_convert_rgb` does (its Stable Diffusion pipelines take RGBA/CMYK for latents and
+  fail on L/LA/P); 16-bit ones (I;16, I;16B, and I, how Pillow opens 16-bit PNG/TIFF files) are
+  scaled by 65535, float ones (F) must lie in [0, 1].
+- Integer arrays and tensors are scaled by their dtype (uint8 / 255, uint16 / 65535) where
+  diffusers would take 0..255 as if it were 0..1; an integer mask whose values are all 0 or 1 is
+  taken as is. Other integer dtypes are refused.
+- Float values outside [0, 1] (or [-1, 1]) and NaN/Inf are refused, naming the argument.
 """
 
 from __future__ import annotations
@@ -16,8 +26,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .base import numpy_to_pil
+from .checks import check_size
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor | list
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(">u2"): 65535.0}
+_TOLERANCE = 1e-3  # float rounding may leave [0, 1] by a hair
 
 
 def _as_list(image: ImageInput, what: str) -> list:
@@ -34,14 +49,125 @@ def _as_list(image: ImageInput, what: str) -> list:
 
 
 def _default_size(
-    image: Image.Image | torch.Tensor, height: int | None, width: int | None, multiple: int
+    image: Image.Image | torch.Tensor, height: int | None, width: int | None, multiple: int, what: str
 ) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         w, h = image.size
     else:
         h, w = image.shape[-2:]
     height, width = height or h, width or w
-    return height - height % multiple, width - width % multiple
+    if height < multiple or width < multiple:
+        raise ValueError(f"`{what}` would be {width} x {height} pixels, less than the {multiple} the VAE needs")
+    height, width = height - height % multiple, width - width % multiple
+    return check_size(height, width, multiple, (f"{what} height", f"{what} width"))
+
+
+def _high_depth_to_float(image: Image.Image, what: str) -> Image.Image:
+    """A 16-bit or float PIL image -> an 'F' image in [0, 1] (resizable with Lanczos like the rest)."""
+    a = np.asarray(image).astype(np.float32)
+    if image.mode == "F":
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if not np.isfinite(a).all() or lo < 0 or hi > 1 + _TOLERANCE:
+            raise ValueError(f"`{what}` is a float (mode F) PIL image with values in [{lo}, {hi}]; expected [0, 1]")
+        return Image.fromarray(a.clip(0, 1))
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError(
+            f"`{what}` is a 32-bit integer (mode I) PIL image with values in [{a.min():.0f}, {a.max():.0f}]; "
+            f"minidiff reads mode I as 16-bit (0..65535)"
+        )
+    return Image.fromarray(a / 65535.0)
+
+
+def _pil_to_tensor(images: list[Image.Image], height: int, width: int, mask: bool, what: str) -> torch.Tensor:
+    arrays = []
+    for image in images:
+        if image.mode in _SIXTEEN_BIT or image.mode == "F":
+            image = _high_depth_to_float(image, what).resize((width, height), resample=Image.Resampling.LANCZOS)
+            a = np.asarray(image).clip(0, 1)[..., None]
+            arrays.append(a if mask else a.repeat(3, axis=-1))
+            continue
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+        a = np.asarray(image.convert("L") if mask else image.convert("RGB")).astype(np.float32) / 255.0
+        arrays.append(a[..., None] if a.ndim == 2 else a)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _to_unit_float(x: torch.Tensor, what: str, mask: bool) -> torch.Tensor:
+    """Scale integer pixels by their dtype (uint8 / 255, uint16 / 65535); floats and bools as they are."""
+    if x.dtype == torch.bool or x.is_floating_point():
+        return x.float()
+    scale = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(x.dtype)
+    if scale is None:
+        raise TypeError(
+            f"`{what}` has dtype {x.dtype}, whose value range minidiff cannot tell: pass uint8 (0..255), "
+            f"uint16 (0..65535) or floats in [0, 1]"
+        )
+    if mask and int(x.max()) <= 1:  # a 0/1 mask, as diffusers binarises it
+        return x.float()
+    return x.float() / scale
+
+
+def _array_to_tensor(images: list[np.ndarray], what: str, mask: bool) -> torch.Tensor:
+    if len({a.shape for a in images}) > 1:
+        raise ValueError(f"`{what}` arrays differ in shape: {sorted({a.shape for a in images})}")
+    arrays = []
+    for a in images:
+        if a.ndim == 2:  # (H, W): one gray image
+            a = a[None, ..., None]
+        elif a.ndim == 3 and (not mask or a.shape[-1] == 1):  # (H, W, C)
+            a = a[None]
+        elif a.ndim == 3:  # masks, as diffusers: (B, H, W)
+            a = a[..., None]
+        elif a.ndim != 4:
+            raise ValueError(f"`{what}` must be (H, W, C) or (B, H, W, C), got shape {a.shape}")
+        arrays.append(a)
+    array = np.concatenate(arrays)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"`{what}` has dtype {array.dtype}, not numbers")
+    if array.dtype.kind in "iu":
+        scale = _SCALE.get(array.dtype)
+        if scale is None:
+            raise TypeError(
+                f"`{what}` has dtype {array.dtype}, whose value range minidiff cannot tell: pass uint8 (0..255), "
+                f"uint16 (0..65535) or floats in [0, 1]"
+            )
+        if mask and array.size and array.max() <= 1:  # a 0/1 mask, as diffusers binarises it
+            scale = 1.0
+        array = array.astype(np.float32) / scale
+    x = torch.from_numpy(array.astype(np.float32)).permute(0, 3, 1, 2)
+    if x.shape[1] == 4 and not mask:
+        raise ValueError(
+            f"`{what}` has 4 channels (RGBA?); pass RGB, e.g. `array[..., :3]` (only tensors are taken as latents)"
+        )
+    return x
+
+
+def _tensor_to_tensor(images: list[torch.Tensor], what: str, mask: bool) -> torch.Tensor:
+    tensors = []
+    for t in images:
+        if t.ndim == 3:  # an image (C, H, W); a mask (B, H, W), as diffusers
+            t = t[:, None] if mask else t[None]
+        elif t.ndim == 2:
+            t = t[None, None]
+        elif t.ndim != 4:
+            raise ValueError(f"`{what}` must be (C, H, W) or (B, C, H, W), got shape {tuple(t.shape)}")
+        tensors.append(t)
+    if len({t.shape[1:] for t in tensors}) > 1:
+        raise ValueError(f"`{what}` tensors differ in shape: {sorted({tuple(t.shape) for t in tensors})}")
+    return _to_unit_float(torch.cat(tensors), what, mask)
+
+
+def _check_range(x: torch.Tensor, what: str, mask: bool) -> bool:
+    """Finite and in [0, 1] (or, for images, [-1, 1]); returns whether it is already in [-1, 1]."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"`{what}` holds NaN or Inf values")
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    signed = lo < 0 and not mask
+    if lo < (-1 if signed else 0) - _TOLERANCE or hi > 1 + _TOLERANCE:
+        hint = " (0..255? divide by 255)" if hi > 1 else ""
+        expected = "[0, 1]" if mask else "[0, 1] (or [-1, 1])"
+        raise ValueError(f"`{what}` has values in [{lo:g}, {hi:g}]{hint}; expected floats in {expected}")
+    return signed
 
 
 def preprocess_image(
@@ -51,34 +177,27 @@ def preprocess_image(
     what = "mask_image" if mask else "image"
     images = _as_list(image, what)
     if isinstance(images[0], Image.Image):
-        height, width = _default_size(images[0], height, width, multiple)
-        images = [i.resize((width, height), resample=Image.Resampling.LANCZOS) for i in images]
-        images = [i.convert("L") if mask else i.convert("RGB") for i in images]
-        arrays = [np.asarray(i).astype(np.float32) / 255.0 for i in images]
-        arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        height, width = _default_size(images[0], height, width, multiple, what)
+        x = _pil_to_tensor(images, height, width, mask, what)
     else:
-        if isinstance(images[0], np.ndarray):
-            arrays = [a[None] if a.ndim == 3 or (mask and a.ndim == 2) else a for a in images]
-            arrays = [a[..., None] if a.ndim == 3 else a for a in arrays]  # (B, H, W) masks
-            x = torch.from_numpy(np.concatenate(arrays).astype(np.float32)).permute(0, 3, 1, 2)
-        else:
-            tensors = [t[None] if t.ndim == 3 else t for t in images]
-            tensors = [t[:, None] if t.ndim == 3 else t for t in tensors]
-            tensors = [t[None, None] if t.ndim == 2 else t for t in tensors]
-            x = torch.cat(tensors).float()
+        x = _array_to_tensor(images, what, mask) if isinstance(images[0], np.ndarray) else None
+        if x is None:
+            x = _tensor_to_tensor(images, what, mask)
             if x.shape[1] == 4 and not mask:  # already VAE latents
                 return x
-        if x.ndim != 4:
-            raise ValueError(f"`{what}` must have 3 or 4 dimensions, got shape {tuple(x.shape)}")
-        height, width = _default_size(x, height, width, multiple)
+        if not mask and x.shape[1] == 1:  # gray, as PIL's convert("RGB") spreads it
+            x = x.repeat(1, 3, 1, 1)
+        if x.shape[1] != (1 if mask else 3):
+            raise ValueError(
+                f"`{what}` must have {'one channel' if mask else '3 channels (RGB)'}, got shape {tuple(x.shape)}"
+            )
+        height, width = _default_size(x, height, width, multiple, what)
         if x.shape[-2:] != (height, width):
             x = F.interpolate(x, size=(height, width))
+    signed = _check_range(x, what, mask)
     if mask:
-        if x.shape[1] != 1:
-            raise ValueError(f"`mask_image` must have one channel, got shape {tuple(x.shape)}")
         return (x >= 0.5).to(torch.float32)
-    if x.min() < 0:
+    if signed:
         warnings.warn(
             "`image` is already in [-1, 1]; minidiff (like diffusers) expects [0, 1] and will not rescale it",
             stacklevel=3,
