@@ -33,6 +33,18 @@ from ..schedulers import (
 )
 from ..single_file import load_pipeline
 from .base import DiffusionPipeline, ImagePipelineOutput
+from .checks import (
+    FiniteWatch,
+    check_callback_output,
+    check_clip_skip,
+    check_finite,
+    check_generator,
+    check_int,
+    check_prompts,
+    check_real,
+    check_size,
+    check_weights,
+)
 from .image_processing import postprocess_image
 
 logger = logging.getLogger(__name__)
@@ -70,10 +82,6 @@ def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | No
     if prompt is not None:
         return 1 if isinstance(prompt, str) else len(prompt)
     return prompt_embeds.shape[0]
-
-
-def _is_text(prompt: Any) -> bool:
-    return isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -144,7 +152,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' default, never mutated)
+        strict: bool = True,
     ) -> ImagePipelineOutput | tuple:
+        """`strict=False` warns instead of raising when the latents or the image turn NaN/Inf."""
         height, width = self._default_size(height, width)
         self.check_inputs(
             prompt,
@@ -155,8 +165,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
             negative_prompt_embeds,
             callback_on_step_end_tensor_inputs,
             output_type=output_type,
+            latents=latents,
+            callback_on_step_end=callback_on_step_end,
         )
-        device, guided = self.device, guidance_scale > 1.0
+        self.check_settings(num_inference_steps, guidance_scale, num_images_per_prompt, eta, clip_skip, generator)
+        device, guided, watch = self.device, guidance_scale > 1.0, FiniteWatch(strict)
 
         # 1. text -> CLIP embeddings, one row per image; with guidance also the negative (or empty) prompt's
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -170,6 +183,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
             clip_skip,
         )
         context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        watch.see("text_encoder", context)
         # 2. the timesteps, then pure noise at the level of the first one
         timesteps = self._set_timesteps(num_inference_steps, device)
         latents = self._prepare_noise(len(prompt_embeds), height, width, prompt_embeds.dtype, generator, latents)
@@ -182,13 +196,15 @@ class StableDiffusionPipeline(DiffusionPipeline):
             noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
             if guided:
                 noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+            watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            watch.see("scheduler.step", latents, i, t)
             if callback_on_step_end is not None:
                 latents, context = self._step_end(
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided, watch
                 )
-        # 4. latents -> pixels
-        images = self._decode(latents, output_type)
+        # 4. latents -> pixels, once no NaN/Inf is found
+        images = self._decode(latents, output_type, watch)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
     # -- the steps of __call__, shared with img2img and inpainting -------------------------------
@@ -239,7 +255,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                     f"and {type(prompt).__name__}"
                 )
             elif isinstance(negative_prompt, str):
-                uncond = [negative_prompt]
+                uncond = [negative_prompt] * batch
             elif len(negative_prompt) != batch:
                 raise ValueError(
                     f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch}: "
@@ -326,27 +342,39 @@ class StableDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor,
         context: torch.Tensor,
         guided: bool,
+        watch: FiniteWatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """callback_on_step_end(pipe, i, t, {name: tensor}) sees the tensors it names and may hand back
-        new latents and (negative) prompt embeddings for the steps that follow."""
+        """callback_on_step_end(pipe, i, t, {name: tensor}) sees the tensors it names and must hand back
+        a dict (diffusers' rule), with new latents and (negative) prompt embeddings for the steps that follow."""
         negative, prompt = context.chunk(2) if guided else (None, context)
         tensors = {"latents": latents, "prompt_embeds": prompt, "negative_prompt_embeds": negative}
-        out = callback(self, i, t, {k: tensors[k] for k in names}) or {}
-        latents, prompt, negative = (out.pop(k, v) for k, v in tensors.items())
+        out = check_callback_output(callback(self, i, t, {k: tensors[k] for k in names}), tensors, i)
+        latents, prompt, negative = (out.get(k, v) for k, v in tensors.items())
+        if watch is not None:
+            watch.see("callback_on_step_end", latents, i, t)
         return latents, (torch.cat([negative, prompt]) if guided else prompt)
 
-    def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
+    def _decode(self, latents: torch.Tensor, output_type: str, watch: FiniteWatch | None = None) -> Any:
+        """The VAE's pixels (or the latents), after `watch` has found no NaN/Inf in the loop or the decode."""
         if output_type == "latent":
+            if watch is not None:
+                watch.verify()
             return latents
         image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        if watch is not None:
+            watch.see("vae.decode", image)
+            watch.verify()
         return postprocess_image(image, output_type)
 
     # -- inputs ----------------------------------------------------------------------------------
 
     def _default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """None -> the UNet's sample size in pixels (0 is refused, not taken for None as diffusers does)."""
         size = self.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
-        return height or h * self.vae_scale_factor, width or w * self.vae_scale_factor
+        height = h * self.vae_scale_factor if height is None else height
+        width = w * self.vae_scale_factor if width is None else width
+        return check_size(height, width, self.vae_scale_factor)
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -361,34 +389,22 @@ class StableDiffusionPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str],
         strength: float | None = None,
         output_type: str = "pil",
+        *,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable | None = None,
     ) -> None:
-        if strength is not None and not 0.0 <= strength <= 1.0:
-            raise ValueError(f"`strength` must be in [0.0, 1.0], got {strength}")
-        if height is not None and (height % self.vae_scale_factor or width % self.vae_scale_factor):
-            raise ValueError(
-                f"`height` and `width` must be divisible by {self.vae_scale_factor}, got {height} and {width}"
-            )
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("give either `prompt` or `prompt_embeds`, not both")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("give `prompt` or `prompt_embeds`")
-        if prompt is not None and not _is_text(prompt):
-            raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("`prompt` is an empty list")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("give either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if negative_prompt is not None and not _is_text(negative_prompt):
-            raise TypeError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}")
-        if (
-            prompt_embeds is not None
-            and negative_prompt_embeds is not None
-            and prompt_embeds.shape != negative_prompt_embeds.shape
-        ):
-            raise ValueError(
-                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
-                f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
-            )
+        """What to draw: prompts, sizes and the tensors given. Every check runs before any model does."""
+        if strength is not None:
+            check_real("strength", strength, 0.0, 1.0)
+        if height is not None or width is not None:
+            check_size(height, width, self.vae_scale_factor)
+        check_prompts(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, self.unet.config.cross_attention_dim
+        )
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(f"`latents` must be a torch.Tensor, got {type(latents).__name__}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(
@@ -396,6 +412,25 @@ class StableDiffusionPipeline(DiffusionPipeline):
             )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        check_finite(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+
+    def check_settings(
+        self,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        eta: float,
+        clip_skip: int | None,
+        generator: Generator,
+    ) -> None:
+        """How to draw: the numbers, the generator, and the models' weights (floats, not an int checkpoint)."""
+        check_int("num_inference_steps", num_inference_steps)
+        check_real("guidance_scale", guidance_scale)
+        check_int("num_images_per_prompt", num_images_per_prompt)
+        check_real("eta", eta, 0.0, 1.0)  # DDIM's η: above 1 its step takes the root of a negative number
+        check_generator(generator)
+        check_clip_skip(clip_skip, self.text_encoder)
+        check_weights(self.components)
 
     @staticmethod
     def _check_generators(generator: Generator, batch: int) -> None:

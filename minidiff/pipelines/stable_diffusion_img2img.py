@@ -16,6 +16,7 @@ import torch
 
 from ..noise import randn_tensor
 from .base import ImagePipelineOutput
+from .checks import FiniteWatch
 from .image_processing import ImageInput, preprocess_image
 from .stable_diffusion import Generator, StableDiffusionPipeline, classifier_free_guidance, scheduler_step_kwargs
 
@@ -42,7 +43,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+        strict: bool = True,
     ) -> ImagePipelineOutput | tuple:
+        """`strict=False` warns instead of raising when the latents or the image turn NaN/Inf."""
         self.check_inputs(
             prompt,
             None,
@@ -53,10 +56,13 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             callback_on_step_end_tensor_inputs,
             strength,
             output_type,
+            callback_on_step_end=callback_on_step_end,
         )
+        self.check_settings(num_inference_steps, guidance_scale, num_images_per_prompt, eta, clip_skip, generator)
         if image is None:
             raise ValueError("img2img needs an `image`")
-        device, guided = self.device, guidance_scale > 1.0
+        image = preprocess_image(image, multiple=self.vae_scale_factor)  # [-1, 1] (or latents), checked
+        device, guided, watch = self.device, guidance_scale > 1.0, FiniteWatch(strict)
 
         # 1. text -> CLIP embeddings, as in text-to-image
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -70,10 +76,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             clip_skip,
         )
         context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        watch.see("text_encoder", context)
         # 2. the last `strength` of the timesteps; the image's latents noised to the first of them
-        image = preprocess_image(image, multiple=self.vae_scale_factor)
         timesteps, num_steps = self._strength_timesteps(num_inference_steps, strength, device)
         latents = self._noised_image_latents(image, timesteps[:1], len(prompt_embeds), prompt_embeds.dtype, generator)
+        watch.see("vae.encode", latents)
         # 3. the denoising loop
         step_kwargs = scheduler_step_kwargs(self.scheduler, eta, generator)
         for i, t in self._progress(timesteps, num_steps):
@@ -82,13 +89,15 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
             if guided:
                 noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+            watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            watch.see("scheduler.step", latents, i, t)
             if callback_on_step_end is not None:
                 latents, context = self._step_end(
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided, watch
                 )
-        # 4. latents -> pixels
-        images = self._decode(latents, output_type)
+        # 4. latents -> pixels, once no NaN/Inf is found
+        images = self._decode(latents, output_type, watch)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
     def _noised_image_latents(

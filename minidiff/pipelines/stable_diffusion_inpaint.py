@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ImagePipelineOutput
+from .checks import FiniteWatch
 from .image_processing import ImageInput, preprocess_image
 from .stable_diffusion import Generator, StableDiffusionPipeline, classifier_free_guidance, scheduler_step_kwargs
 
@@ -45,7 +46,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+        strict: bool = True,
     ) -> ImagePipelineOutput | tuple:
+        """`strict=False` warns instead of raising when the latents or the image turn NaN/Inf."""
         height, width = self._default_size(height, width)
         self.check_inputs(
             prompt,
@@ -57,9 +60,12 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             callback_on_step_end_tensor_inputs,
             strength,
             output_type,
+            latents=latents,
+            callback_on_step_end=callback_on_step_end,
         )
-        self._check_inpaint_inputs(image, mask_image)
-        device, guided = self.device, guidance_scale > 1.0
+        self.check_settings(num_inference_steps, guidance_scale, num_images_per_prompt, eta, clip_skip, generator)
+        image, mask_image = self._inpaint_inputs(image, mask_image, height, width)  # tensors, checked
+        device, guided, watch = self.device, guidance_scale > 1.0, FiniteWatch(strict)
         plain_unet = self.unet.config.in_channels == self.vae.config.latent_channels
 
         # 1. text -> CLIP embeddings, as in text-to-image
@@ -74,12 +80,15 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             clip_skip,
         )
         context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
+        watch.see("text_encoder", context)
         # 2. the last `strength` of the timesteps; noise (or the noised image below strength 1); the mask
         timesteps, num_steps = self._strength_timesteps(num_inference_steps, strength, device)
         n = len(prompt_embeds)
-        image = self._pixels(image, height, width, prompt_embeds.dtype)
+        image = image.to(device=device, dtype=prompt_embeds.dtype)
         latents, noise, image_latents = self._start_latents(image, timesteps[:1], n, generator, latents, strength)
         mask, masked_image_latents = self._mask_latents(mask_image, image, n, generator)
+        watch.see("vae.encode", latents if image_latents is None else image_latents)
+        watch.see("vae.encode", masked_image_latents)
         if not plain_unet:  # the inpainting UNet's extra input channels, for both halves of the guidance batch
             mask_input = torch.cat([mask, masked_image_latents], dim=1)
             mask_input = torch.cat([mask_input] * 2) if guided else mask_input
@@ -93,21 +102,26 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
             if guided:
                 noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+            watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if plain_unet:  # outside the mask: the image, noised to the next step's level (clean after the last)
                 known = image_latents
                 if i + 1 < len(timesteps):
                     known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
                 latents = (1 - mask) * known + mask * latents
+            watch.see("scheduler.step", latents, i, t)
             if callback_on_step_end is not None:
                 latents, context = self._step_end(
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided
+                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided, watch
                 )
-        # 4. latents -> pixels
-        images = self._decode(latents, output_type)
+        # 4. latents -> pixels, once no NaN/Inf is found
+        images = self._decode(latents, output_type, watch)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
-    def _check_inpaint_inputs(self, image: ImageInput | None, mask_image: ImageInput | None) -> None:
+    def _inpaint_inputs(
+        self, image: ImageInput | None, mask_image: ImageInput | None, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image in [-1, 1] at (height, width) and the mask at its size in {0, 1}, checked."""
         if image is None or mask_image is None:
             raise ValueError("inpainting needs both `image` and `mask_image`")
         unet_channels = self.unet.config.in_channels
@@ -117,12 +131,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 f"an inpainting UNet has {latent_channels} or {2 * latent_channels + 1} input channels, "
                 f"this one has {unet_channels}"
             )
-
-    def _pixels(self, image: ImageInput, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         image = preprocess_image(image, height, width, self.vae_scale_factor)
         if image.shape[1] == self.vae.config.latent_channels:
             raise ValueError("inpainting needs the `image` in pixels, not latents")
-        return image.to(device=self.device, dtype=dtype)
+        mask = preprocess_image(mask_image, *image.shape[-2:], self.vae_scale_factor, mask=True)
+        return image, mask
 
     def _start_latents(
         self,
@@ -149,12 +162,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         return noise * self.scheduler.init_noise_sigma, noise, image_latents
 
     def _mask_latents(
-        self, mask_image: ImageInput, image: torch.Tensor, n: int, generator: Generator
+        self, mask: torch.Tensor, image: torch.Tensor, n: int, generator: Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask at latent size ({0, 1}, 1 = regenerate) and the latents of the image with the mask's
+        """The mask ({0, 1}, 1 = regenerate) at latent size and the latents of the image with the mask's
         part blacked out, one per output image."""
         height, width = image.shape[-2:]
-        mask = preprocess_image(mask_image, height, width, self.vae_scale_factor, mask=True)
         masked_image = image * (mask.to(image.device, image.dtype) < 0.5)
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         mask = F.interpolate(mask, size=size).to(image.device, image.dtype)
