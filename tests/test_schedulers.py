@@ -107,7 +107,8 @@ def assert_schedule_matches(mine, ref) -> None:
         assert mine.sigmas.shape == ref.sigmas.shape
         assert rel_err(mine.sigmas, ref.sigmas) <= SCHED_TOL
     assert rel_err(torch.as_tensor(mine.init_noise_sigma), torch.as_tensor(ref.init_noise_sigma)) <= SCHED_TOL
-    assert rel_err(mine.alphas_cumprod, ref.alphas_cumprod) <= SCHED_TOL
+    if hasattr(ref, "alphas_cumprod"):  # (the EDM schedulers have no β schedule)
+        assert rel_err(mine.alphas_cumprod, ref.alphas_cumprod) <= SCHED_TOL
     assert mine.order == ref.order
     assert mine.num_inference_steps == ref.num_inference_steps
 

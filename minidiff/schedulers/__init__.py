@@ -1,4 +1,4 @@
-"""The nine samplers the Stable Diffusion tutorials swap in, each in its own file, diffusers-exact.
+"""The samplers Stable Diffusion users swap in, each in its own file, diffusers-exact.
 
 `SCHEDULERS` maps each class name to its class (the CLI lists these names). Every class takes
 diffusers' config keys, and `Other.from_config(scheduler.config)` swaps one for another.
@@ -15,11 +15,17 @@ from .deis_multistep import DEISMultistepScheduler
 from .dpm_solver_multistep import DPMSolverMultistepScheduler
 from .dpm_solver_sde import DPMSolverSDEScheduler
 from .dpm_solver_singlestep import DPMSolverSinglestepScheduler
+from .edm_dpm_solver_multistep import EDMDPMSolverMultistepScheduler
+from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
+from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -37,6 +43,12 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
         DPMSolverSinglestepScheduler,
         DEISMultistepScheduler,
         DPMSolverSDEScheduler,
+        KDPM2DiscreteScheduler,
+        KDPM2AncestralDiscreteScheduler,
+        LCMScheduler,
+        TCDScheduler,
+        EDMEulerScheduler,
+        EDMDPMSolverMultistepScheduler,
     )
 }
 
