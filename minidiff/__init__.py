@@ -12,6 +12,7 @@ from .pipelines import (
     StableDiffusionPipeline,
 )
 from .schedulers import (
+    SCHEDULER_NAMES,
     SCHEDULERS,
     DDIMScheduler,
     DDPMScheduler,
@@ -31,6 +32,7 @@ from .schedulers import (
     PNDMScheduler,
     TCDScheduler,
     UniPCMultistepScheduler,
+    scheduler_from_name,
 )
 from .tokenizer import CLIPTokenizer
 from .unet_2d import UNet2DModel
@@ -61,6 +63,7 @@ __all__ = [
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "SCHEDULERS",
+    "SCHEDULER_NAMES",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
@@ -69,6 +72,7 @@ __all__ = [
     "UNet2DModel",
     "UniPCMultistepScheduler",
     "DEFAULT_MODEL",
+    "scheduler_from_name",
 ]
 
 # the bundled model: a toy Stable Diffusion trained from scratch by minidiff/train.py on the

@@ -24,6 +24,7 @@ from .kdpm2 import KDPM2DiscreteScheduler
 from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
+from .names import SCHEDULER_NAMES, scheduler_from_name
 from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
@@ -52,4 +53,12 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     )
 }
 
-__all__ = [*SCHEDULERS, "SCHEDULERS", "NoiseScheduleConfig", "SchedulerMixin", "SchedulerOutput"]
+__all__ = [
+    *SCHEDULERS,
+    "SCHEDULERS",
+    "SCHEDULER_NAMES",
+    "NoiseScheduleConfig",
+    "SchedulerMixin",
+    "SchedulerOutput",
+    "scheduler_from_name",
+]
