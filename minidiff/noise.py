@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
+
+# the seeds torch.Generator.manual_seed takes (a negative one is read modulo 2**64)
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """torch.Generator(device).manual_seed(seed), refusing a seed torch would overflow on by name."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}")
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise ValueError(f"`seed` must be in [{low}, {high}] (64 bits), got {seed}")
+    return torch.Generator(device).manual_seed(int(seed))
 
 
 def randn_tensor(
@@ -15,6 +29,9 @@ def randn_tensor(
 ) -> torch.Tensor:
     """A CPU generator with a non-CPU target draws on the CPU and moves the result; a list of
     generators draws one sample per generator (diffusers' randn_tensor)."""
+    gens = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+        raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(gens[0]).__name__}")
     device = torch.device(device or "cpu")
     rand_device = device
     if generator is not None:

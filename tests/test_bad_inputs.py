@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import minidiff
+from minidiff.noise import seeded_generator
 from minidiff.pipelines import checks
 from minidiff.pipelines.image_processing import preprocess_image
 
@@ -341,6 +342,17 @@ def test_generator_list_of_the_wrong_length(folders):
         ours("x", num_images_per_prompt=2, generator=gens, **RUN)
     with pytest.raises(ValueError, match="generators of length 3"):
         theirs("x", num_images_per_prompt=2, generator=gens, **RUN)
+
+
+def test_seed_out_of_range_is_named():
+    with pytest.raises(ValueError, match=r"`seed` must be in \[-9223372036854775808, 18446744073709551615\]"):
+        seeded_generator(2**70)
+    with pytest.raises(ValueError, match="Overflow when unpacking"):  # what torch itself says
+        torch.Generator().manual_seed(2**70)
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        seeded_generator(1.5)
+    assert seeded_generator(2**64 - 1).initial_seed() == 2**64 - 1
+    assert seeded_generator(-1).initial_seed() == 2**64 - 1  # torch reads it modulo 2**64
 
 
 def test_max_pixels_is_configurable(folders, monkeypatch):
