@@ -417,7 +417,7 @@ def test_8bit_pil_modes_are_converted_to_rgb(mode):
 
 
 def test_integer_arrays_and_tensors_are_scaled_by_their_dtype():
-    a = np.asarray(rgb())
+    a = np.array(rgb())
     expected = _pre(a.astype(np.float32) / 255)
     assert torch.equal(_pre(a), expected) and torch.equal(_pre(a[None]), expected)
     assert torch.equal(_pre(torch.from_numpy(a).permute(2, 0, 1)), expected)

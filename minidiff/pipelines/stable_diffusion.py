@@ -271,8 +271,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return prompt_embeds, negative_prompt_embeds
 
     def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        num_inference_steps = check_int("num_inference_steps", num_inference_steps)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         return self.scheduler.timesteps
 
