@@ -7,6 +7,7 @@ from .clip_text import CLIPTextModel
 from .pipelines import (
     DDPMPipeline,
     DiffusionPipeline,
+    LatentConsistencyModelPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -57,6 +58,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "LatentConsistencyModelPipeline",
     "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",
     "LCMScheduler",

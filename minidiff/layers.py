@@ -67,14 +67,18 @@ def as_timestep_batch(
 
 
 class TimestepEmbedding(nn.Module):
-    """MLP on the sinusoidal embedding: Linear -> SiLU -> Linear."""
+    """MLP on the sinusoidal embedding: Linear -> SiLU -> Linear. With `cond_dim`, a condition (an LCM's
+    guidance-scale embedding) is projected to the sinusoidal width and added to it first."""
 
-    def __init__(self, in_dim: int, dim: int) -> None:
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None) -> None:
         super().__init__()
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim else None
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            t = t + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(t)))
 
 

@@ -86,6 +86,7 @@ class UNet2DConditionConfig(ConfigBase):
     use_linear_projection: bool = False  # SD2: proj_in / proj_out are Linear, not 1x1 convs
     upcast_attention: bool = False  # SD2.1: attention in fp32 even when the model runs in fp16
     time_embedding_dim: int | None = None
+    time_cond_proj_dim: int | None = None  # LCM-distilled UNets: the width of the guidance-scale embedding
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
 
@@ -226,7 +227,7 @@ class UNet2DConditionModel(ModelMixin):
             )
 
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
-        self.time_embedding = TimestepEmbedding(chs[0], temb)
+        self.time_embedding = TimestepEmbedding(chs[0], temb, c.time_cond_proj_dim)
 
         L = len(chs)
         down_blocks, up_blocks = unet_levels(
@@ -258,16 +259,19 @@ class UNet2DConditionModel(ModelMixin):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
-        """sample (B, C, H, W), timestep (an int, float, 0-d or (B,) tensor), encoder_hidden_states (B, N, D)."""
+        """sample (B, C, H, W), timestep (an int, float, 0-d or (B,) tensor), encoder_hidden_states (B, N, D);
+        timestep_cond (B, time_cond_proj_dim), an LCM's guidance-scale embedding, is added into the time embedding."""
         c: UNet2DConditionConfig = self.config
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         t = as_timestep_batch(timestep, sample.shape[0], sample.device)
         # the sinusoidal features are computed in fp32, then cast to the model's dtype
         emb = self.time_embedding(
-            timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype)
+            timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype),
+            timestep_cond,
         )
 
         x = self.conv_in(sample)

@@ -24,7 +24,7 @@ from .rules import Rule, same
 DIFFUSERS_DEFAULTS: dict[str, Any] = {"sample_size": None, "cross_attention_dim": 1280}
 
 # diffusers keys UNet2DConditionConfig leaves out: features minidiff does not implement (SDXL, class /
-# image conditioning, LCM, ...), each accepted only at the values that switch it off, so a config using
+# image conditioning, ...), each accepted only at the values that switch it off, so a config using
 # one fails loudly. The first value is diffusers' default, which save_pretrained writes back.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "act_fn": ("silu", "swish"),
@@ -37,7 +37,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "class_embeddings_concat": (False,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "time_cond_proj_dim": (None,),
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
