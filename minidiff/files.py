@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 TMP_PREFIX = ".minidiff-"  # temporary files and folders: ".minidiff-<name>.<random>.tmp"
@@ -153,6 +154,38 @@ def write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) ->
 
 def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
     return write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+class _Recording:
+    """A file object that remembers the OSError of a failed write (torch.save reports only its own
+    "enforce fail ... unexpected pos" RuntimeError, not the full disk or the file size limit)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj: Any, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """torch.save, atomically. Written through a file object, so the archive inside is named
+    "archive" whatever the file's (temporary) name: the same tensors give the same bytes."""
+    with atomic_file(path, overwrite) as tmp, open(tmp, "wb") as f:
+        writer = _Recording(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as e:
+            if writer.error is not None:
+                raise writer.error from e
+            raise
+    return Path(path)
 
 
 def image_format(path: str | os.PathLike) -> str:

@@ -157,6 +157,5 @@ class ModelMixin(nn.Module):
                 with files.atomic_file(out / f"{name}.safetensors") as tmp:
                     save_file(state_dict, str(tmp), metadata={"format": "pt"})
             else:
-                with files.atomic_file(out / f"{name}.bin") as tmp:
-                    torch.save(state_dict, tmp)
+                files.torch_save(state_dict, out / f"{name}.bin")
             files.write_text(out / self.config_name, config)

@@ -122,13 +122,12 @@ def save_single_file(
         raise ValueError(f"{path}: a single file ends in .safetensors or .ckpt")
     files.check_file_destination(path, overwrite)
     sd = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous() for k, v in state_dict.items()}
-    with files.atomic_file(path, overwrite) as tmp:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if path.suffix == ".ckpt":
+        return files.torch_save({"state_dict": sd}, path, overwrite)
+    from safetensors.torch import save_file
 
-            save_file(sd, str(tmp), metadata={"format": "pt"})
-        else:
-            torch.save({"state_dict": sd}, tmp)
+    with files.atomic_file(path, overwrite) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
     return path
 
 
