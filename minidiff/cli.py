@@ -24,7 +24,7 @@ from .batch import SCHEDULER_ALIASES, BatchError, World, dtype_name, generate_ma
 from .files import DestinationError
 from .loading import CheckpointError, load_config
 from .pipelines import DDPMPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from .schedulers import SCHEDULERS
+from .schedulers.names import NAMES_HELP, scheduler_from_name, scheduler_options
 from .single_file import load_folder_models, load_pipeline, save_single_file, to_ldm_state_dict
 
 __all__ = ["SCHEDULER_ALIASES", "CLIError", "build_parser", "main"]
@@ -105,7 +105,7 @@ def _check_numbers(cmd: str, args: argparse.Namespace) -> None:
         raise CLIError(f"minidiff {cmd}: --device {args.device!r}: {e}") from None
     _parse_dtype(args.dtype)
     if args.scheduler:
-        _scheduler_class(args.scheduler)
+        _scheduler(args.scheduler)
 
 
 def _check_model(cmd: str, model: str, unet_class: str, local_files_only: bool) -> None:
@@ -125,14 +125,15 @@ def _check_model(cmd: str, model: str, unet_class: str, local_files_only: bool) 
         )
 
 
-def _scheduler_class(name: str) -> type:
-    cls = SCHEDULERS.get(SCHEDULER_ALIASES.get(name.lower(), name))
-    if cls is None:
-        raise CLIError(
-            f"minidiff: unknown --scheduler {name!r}; choose from {', '.join(SCHEDULER_ALIASES)} "
-            f"or a class name ({', '.join(sorted(SCHEDULERS))})"
-        )
-    return cls
+def _scheduler(name: str, config: dict | None = None) -> object:
+    """--scheduler: a short name, a class name or a sampler name ("DPM++ 2M Karras"): its (class name, options), or
+    with a config, that scheduler built on it (from_config)."""
+    try:
+        name = SCHEDULER_ALIASES.get(name.lower(), name)
+        return scheduler_options(name) if config is None else scheduler_from_name(name, config)
+    except ValueError as e:
+        message = str(e).replace("scheduler name", "--scheduler", 1)  # "unknown --scheduler 'x'; choose ..."
+        raise CLIError(f"minidiff: {message}; or a short name ({', '.join(SCHEDULER_ALIASES)})") from None
 
 
 def _set_threads(threads: int | None, ranks_here: int) -> None:
@@ -164,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args.threads, 1)
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=local_only)
     if args.scheduler:
-        pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = _scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(args.device, _parse_dtype(args.dtype))
     # a CPU generator: the same seed gives the same image as the Python API (and as diffusers)
     generator = torch.Generator().manual_seed(args.seed)
@@ -195,7 +196,11 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
         )
     _check_numbers("generate", args)
     dtype = _parse_dtype(args.dtype)
-    scheduler = _scheduler_class(args.scheduler).__name__ if args.scheduler else None
+    scheduler, options = _scheduler(args.scheduler) if args.scheduler else (None, {})
+    if options:  # a prompt file's "scheduler" names a class
+        raise CLIError(
+            f"minidiff generate: with --prompts, --scheduler is a short or class name, not {args.scheduler!r}"
+        )
     model = args.model or DEFAULT_MODEL
     device = torch.device(args.device)
     run = {
@@ -251,7 +256,7 @@ def cmd_ddpm(args: argparse.Namespace) -> int:
     _check_model("ddpm", args.model, "UNet2DModel", args.local_files_only)
     pipe = DDPMPipeline.from_pretrained(args.model, local_files_only=args.local_files_only)
     if args.scheduler:
-        pipe.scheduler = _scheduler_class(args.scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = _scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(args.device, _parse_dtype(args.dtype))
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(batch_size=args.num_images, generator=generator, num_inference_steps=args.steps).images
@@ -301,7 +306,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    scheduler_help = "swap in another scheduler (from_config): " + ", ".join(SCHEDULER_ALIASES) + " or a class name"
+    scheduler_help = 'swap in a scheduler: a sampler name (e.g. "DPM++ 2M Karras"; see generate --help), a short name ('
+    scheduler_help += ", ".join(SCHEDULER_ALIASES) + ") or a class name"
     parser = _Parser(prog="minidiff", description="minidiff: Stable Diffusion / DDPM inference in plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -311,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         parents=[common],
         help="text to image with a Stable Diffusion pipeline folder or Hub id",
-        epilog="schedulers: " + ", ".join(f"{k} ({v})" for k, v in SCHEDULER_ALIASES.items()),
+        epilog="Short names: " + ", ".join(f"{k} ({v})" for k, v in SCHEDULER_ALIASES.items()) + ". " + NAMES_HELP,
     )
     p.add_argument("prompt", nargs="?", help="the text (or --prompts FILE for many images)")
     p.add_argument(

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from conftest import reference_config, rel_err
+from PIL import Image
 from test_schedulers import normalized
 
 import minidiff
 from minidiff import schedulers as ms
+from minidiff.cli import CLIError, main
 from minidiff.schedulers import names
 
 diffusers = pytest.importorskip("diffusers")
@@ -167,3 +170,45 @@ def test_exports_and_defaults(monkeypatch):
     monkeypatch.delattr(ms, "DDIMScheduler")
     with pytest.raises(ValueError, match="needs DDIMScheduler"):
         minidiff.scheduler_from_name("DDIM", SD15)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+PROMPT = "a red circle on a white background"
+
+
+def generate(tmp_path, scheduler: str) -> np.ndarray:
+    out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
+    assert (
+        main(["generate", PROMPT, "--steps", "4", "--seed", "5", "--scheduler", scheduler, "--output", str(out)]) == 0
+    )
+    return np.asarray(Image.open(out))
+
+
+def test_cli_generate_takes_a_sampler_name(tmp_path):
+    """`minidiff generate --scheduler "DPM++ 2M Karras"` is the Python API with scheduler_from_name; the old short
+    names and class names still work."""
+    pipe = minidiff.StableDiffusionPipeline.from_pretrained(minidiff.DEFAULT_MODEL, local_files_only=True)
+    pipe.scheduler = minidiff.scheduler_from_name("DPM++ 2M Karras", pipe.scheduler.config)
+    assert pipe.scheduler.config.use_karras_sigmas and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    image = pipe(PROMPT, num_inference_steps=4, generator=torch.Generator().manual_seed(5), output_type="np").images
+    cli = generate(tmp_path, "DPM++ 2M Karras")
+    assert np.abs(cli.astype(int) - np.round(image[0] * 255).astype(int)).max() <= 1
+    assert np.array_equal(cli, generate(tmp_path, "dpmpp_2m_karras"))
+    assert not np.array_equal(cli, generate(tmp_path, "dpm++"))  # the short name: the class on the model's config
+    assert np.array_equal(generate(tmp_path, "euler-a"), generate(tmp_path, "EulerAncestralDiscreteScheduler"))
+
+
+def test_cli_help_lists_the_names_and_bad_names_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in (*names.SAMPLER_NAMES, *names.SCHEDULE_TYPES, "dpm++", "euler-a"):
+        assert name in shown, name
+    with pytest.raises(CLIError) as e:
+        main(["generate", PROMPT, "--scheduler", "DPM++ 2S a"])
+    assert e.value.code == 2 and "choose a sampler: Euler" in str(e.value) and "dpm++" in str(e.value)
+    with pytest.raises(CLIError, match="takes no Karras"):
+        main(["generate", PROMPT, "--scheduler", "DDIM Karras"])
+    with pytest.raises(CLIError, match="with --prompts, --scheduler is a short or class name"):
+        main(["generate", "--prompts", "p.jsonl", "--outdir", "o", "--scheduler", "DPM++ 2M Karras"])

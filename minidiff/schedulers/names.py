@@ -120,11 +120,14 @@ SCHEDULER_NAMES: tuple[str, ...] = tuple(display for display, _, _ in _TABLE.val
 
 
 def scheduler_options(name: str) -> tuple[str, dict[str, Any]]:
-    """(class name, config options) of a front-end sampler name; a ValueError naming the valid ones if unknown."""
+    """(class name, config options) of a front-end sampler name (or of a class name: no options); a ValueError
+    naming the valid ones if unknown."""
     key = _key(name)
     if key in _TABLE:
         _, class_name, options = _TABLE[key]
         return class_name, dict(options)
+    if name in getattr(sys.modules[__package__], "SCHEDULERS", {}):
+        return name, {}
     for t in SCHEDULE_TYPES:  # a known sampler with a schedule type it does not take
         sampler = key.removesuffix(" " + _key(t))
         if sampler != key and sampler in _TABLE:
@@ -135,13 +138,20 @@ def scheduler_options(name: str) -> tuple[str, dict[str, Any]]:
             )
     raise ValueError(
         f"unknown scheduler name {name!r}; choose a sampler: {', '.join(SAMPLER_NAMES)}, optionally followed by a "
-        f"schedule type: {', '.join(SCHEDULE_TYPES)} (case, spaces and underscores do not matter)"
+        f"schedule type: {', '.join(SCHEDULE_TYPES)} (case, spaces and underscores do not matter), or a class name"
     )
 
 
+NAMES_HELP = (  # for --help
+    f"Sampler names (A1111 / ComfyUI): {', '.join(SAMPLER_NAMES)}, each optionally followed by a schedule type: "
+    f"{', '.join(SCHEDULE_TYPES)}, where the sampler takes it (case, spaces and underscores do not matter)."
+)
+
+
 def scheduler_from_name(name: str, config: Mapping[str, Any] | None = None) -> Any:
-    """The scheduler a front-end sampler name means, built from `config` (e.g. a pipeline's `scheduler.config`,
-    or a scheduler_config.json read as a dict; the class defaults when None) with the name's options on top."""
+    """The scheduler a front-end sampler name (or a class name) means, built from `config` (e.g. a pipeline's
+    `scheduler.config`, or a scheduler_config.json read as a dict; the class defaults when None) with the name's
+    options on top."""
     class_name, options = scheduler_options(name)
     cls = getattr(sys.modules[__package__], class_name, None)  # looked up now: a later class counts too
     if cls is None:
