@@ -142,3 +142,36 @@ def test_a_unet_without_guidance_embedding_is_refused(folder):
     pipe.unet = sd_unet
     with pytest.raises(ValueError, match="time_cond_proj_dim"):
         pipe(prompt="a cat", num_inference_steps=1)
+
+
+# the round-two schedulers in StableDiffusionPipeline (an LCM-LoRA runs this way): the seed must reach their noise
+SD_SCHEDULERS = [
+    ("LCMScheduler", {}),
+    ("TCDScheduler", dict(eta=0.3)),  # TCD's γ arrives as the pipeline's eta, as in diffusers
+    ("KDPM2DiscreteScheduler", {}),
+    ("KDPM2AncestralDiscreteScheduler", {}),
+    ("EDMEulerScheduler", {}),
+    ("EDMDPMSolverMultistepScheduler", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def sd_pipes(tmp_path_factory):
+    folder = save_tiny_sd(tmp_path_factory.mktemp("sd") / "sd1", "sd1")
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+    ours = minidiff.StableDiffusionPipeline.from_pretrained(folder)
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("name,call", SD_SCHEDULERS, ids=[n for n, _ in SD_SCHEDULERS])
+def test_stable_diffusion_with_round_two_schedulers_matches_diffusers(sd_pipes, name, call):
+    theirs, ours = sd_pipes
+    theirs.scheduler = getattr(diffusers, name).from_config(theirs.scheduler.config)
+    ours.scheduler = getattr(minidiff, name).from_config(ours.scheduler.config)
+    a = run(theirs, prompt="a red car", num_inference_steps=4, guidance_scale=4.0, **call)
+    b = run(ours, prompt="a red car", num_inference_steps=4, guidance_scale=4.0, **call)
+    assert np.abs(a - b).max() <= TOL

@@ -23,14 +23,7 @@ from typing import Any
 import torch
 
 from ..noise import randn_tensor
-from ..schedulers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
+from ..schedulers import STOCHASTIC_SCHEDULERS, DDIMScheduler, TCDScheduler
 from ..single_file import load_pipeline
 from .base import DiffusionPipeline, ImagePipelineOutput
 from .checks import (
@@ -51,22 +44,12 @@ logger = logging.getLogger(__name__)
 
 Generator = torch.Generator | list[torch.Generator] | None
 
-# the schedulers whose step() takes the generator, to draw noise (DPM-Solver only as sde-dpmsolver++);
-# of these, DDIM also takes `eta` (0 = deterministic DDIM, 1 = DDPM-like)
-STOCHASTIC_SCHEDULERS = (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
-    EulerDiscreteScheduler,
-    EulerAncestralDiscreteScheduler,
-)
-
 
 def scheduler_step_kwargs(scheduler: Any, eta: float, generator: Generator) -> dict[str, Any]:
-    """What `scheduler.step` takes besides (noise_pred, t, latents): the generator, and DDIM's `eta`."""
+    """What `scheduler.step` takes besides (noise_pred, t, latents): the generator of the schedulers that draw
+    noise, and `eta` for DDIM (0 = deterministic DDIM, 1 = DDPM-like) and TCD (the paper's γ), as diffusers gives."""
     kwargs: dict[str, Any] = {"generator": generator} if isinstance(scheduler, STOCHASTIC_SCHEDULERS) else {}
-    if isinstance(scheduler, DDIMScheduler):
+    if isinstance(scheduler, (DDIMScheduler, TCDScheduler)):
         kwargs["eta"] = eta
     return kwargs
 

@@ -52,10 +52,26 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
         EDMDPMSolverMultistepScheduler,
     )
 }
+# the schedulers whose step() takes a `generator` to draw noise with (pipelines pass theirs; DPM-Solver
+# draws only as sde-dpmsolver++, TCD only with eta > 0)
+STOCHASTIC_SCHEDULERS = (
+    DDPMScheduler,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
+    EDMEulerScheduler,
+    EDMDPMSolverMultistepScheduler,
+)
 
 __all__ = [
     *SCHEDULERS,
     "SCHEDULERS",
+    "STOCHASTIC_SCHEDULERS",
     "SCHEDULER_NAMES",
     "NoiseScheduleConfig",
     "SchedulerMixin",
