@@ -5,7 +5,7 @@ final_sigmas_type, custom `timesteps=` / `sigmas=` in set_timesteps, rescale_bet
 dynamic thresholding, each where diffusers has it. Every case compares timesteps and sigmas
 (1e-5) and every step of a full loop with a deterministic stand-in model (1e-4 relative), as
 test_schedulers.py does. Also: the shared maths (beta quantile, dynamic threshold) against
-scipy / diffusers, and no host read of the timesteps inside the DDPM / DDIM / PNDM loops.
+scipy / diffusers, and no host read of the timesteps (or σ) inside the sampling loops.
 """
 
 from __future__ import annotations
@@ -307,7 +307,8 @@ def test_dynamic_threshold_matches_diffusers(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# No host read of the timesteps inside the DDPM / DDIM / PNDM loops
+# No host read of the timesteps inside the sampling loops (DDPM / DDIM / PNDM read t every step; the σ
+# schedulers find their place at the first step)
 
 # what makes the host wait for the device: a scalar read, a data-dependent shape, a tensor comparison
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero", "aten::item"}
@@ -335,6 +336,10 @@ class HostReads(TorchDispatchMode):
         ("PNDMScheduler", dict(skip_prk_steps=True)),
         ("DPMSolverMultistepScheduler", {}),
         ("UniPCMultistepScheduler", {}),
+        ("LMSDiscreteScheduler", {}),
+        ("EulerDiscreteScheduler", {}),
+        ("EulerAncestralDiscreteScheduler", {}),
+        ("HeunDiscreteScheduler", {}),
     ],
 )
 @pytest.mark.parametrize("img2img", [False, True])

@@ -109,7 +109,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
         i = self._step_index
         x = sample.to(torch.float32)
         sigma = self.sigmas[i]
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        # (s_churn = 0: no comparison, which would read σ, a tensor, on the host)
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:  # churn: add noise to go up from σ to σ̂
             eps = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
