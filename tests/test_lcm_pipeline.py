@@ -35,15 +35,18 @@ def folder(tmp_path_factory):
     return root / "lcm"
 
 
-@pytest.fixture(scope="module")
-def pipes(folder):
-    theirs = diffusers.LatentConsistencyModelPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False
-    )
+def load_both(folder, name: str) -> tuple:
+    """diffusers' pipeline `name` and minidiff's (picked by DiffusionPipeline from model_index.json)."""
+    theirs = getattr(diffusers, name).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     ours = minidiff.DiffusionPipeline.from_pretrained(folder)
     for p in (theirs, ours):
         p.set_progress_bar_config(disable=True)
     return theirs, ours
+
+
+@pytest.fixture(scope="module")
+def pipes(folder):
+    return load_both(folder, "LatentConsistencyModelPipeline")
 
 
 def test_loads_as_an_lcm_pipeline(pipes):
@@ -157,14 +160,7 @@ SD_SCHEDULERS = [
 
 @pytest.fixture(scope="module")
 def sd_pipes(tmp_path_factory):
-    folder = save_tiny_sd(tmp_path_factory.mktemp("sd") / "sd1", "sd1")
-    theirs = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False
-    )
-    ours = minidiff.StableDiffusionPipeline.from_pretrained(folder)
-    for p in (theirs, ours):
-        p.set_progress_bar_config(disable=True)
-    return theirs, ours
+    return load_both(save_tiny_sd(tmp_path_factory.mktemp("sd") / "sd1", "sd1"), "StableDiffusionPipeline")
 
 
 @pytest.mark.parametrize("name,call", SD_SCHEDULERS, ids=[n for n, _ in SD_SCHEDULERS])
