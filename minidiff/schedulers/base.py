@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 
 from weights_conversion.configs import DIFFUSERS_VERSION
 
+from .. import files
 from ..config import FrozenDict
 from ..loading import load_config
 from ..modeling import BaseOutput
@@ -128,13 +128,13 @@ class SchedulerMixin:
         config = load_config(pretrained_model_name_or_path, subfolder, cls.config_name, local_files_only)
         return cls.from_config(config, **overrides)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **unused: Any) -> None:
-        """Write scheduler_config.json as diffusers writes it (diffusers loads it back)."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool | None = None, **unused: Any) -> None:
+        """Write scheduler_config.json as diffusers writes it (diffusers loads it back), atomically;
+        `overwrite` as minidiff.files.output_folder."""
         config = {k: _json_value(v) for k, v in self.config.items() if k != "_use_default_values"}
         config.update(_class_name=type(self).__name__, _diffusers_version=DIFFUSERS_VERSION)
-        (out / self.config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        with files.output_folder(save_directory, overwrite, self.config_name) as out:
+            files.write_text(out / self.config_name, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def _init_noise_schedule(self) -> None:
         """β, α = 1 - β and ᾱ = cumprod(α) from the config."""
