@@ -578,3 +578,75 @@ def test_nan_watch_reads_the_device_once_per_call(folders):
             watch.see("unet", torch.ones(4), i, torch.tensor(999 - i))
         watch.verify()
     assert counter.n <= 2, counter.n  # the one read of all flags (stack -> cpu, then .all())
+
+
+# -- schedulers: custom timesteps, betas, add_noise ---------------------------------------------------------
+
+CUSTOM = ["DDPMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler",
+          "HeunDiscreteScheduler", "LCMScheduler"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CUSTOM)
+@pytest.mark.parametrize(
+    "timesteps,match",
+    [
+        ([500, -1], r"must lie in \[0, 999\]"),  # diffusers' DDPM takes it: ᾱ[-1] is the last step's
+        ([100, 500], "descending"),
+        ([500, 500], "descending"),
+        ([1000, 10], "num_train_timesteps=1000"),
+        ([], "non-empty"),
+        ([500, NAN], "finite"),
+    ],
+)
+def test_custom_timesteps_are_descending_and_in_range(name, timesteps, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(minidiff, name)().set_timesteps(timesteps=timesteps)
+
+
+def test_diffusers_takes_a_negative_custom_timestep():
+    theirs = diffusers.DDPMScheduler()
+    theirs.set_timesteps(timesteps=[500, -1])
+    assert theirs.timesteps.tolist() == [500, -1]
+
+
+@pytest.mark.parametrize(
+    "config,match,diffusers_goes_negative",
+    [
+        (dict(trained_betas=[0.01] * 9 + [1.2]), r"trained_betas\) must be .* in \(0, 1\): β\[9\] = 1.2", True),
+        (dict(trained_betas=[0.0] + [0.01] * 9), r"β\[0\] = 0.0", False),
+        (dict(trained_betas=[]), "non-empty", False),
+        (dict(beta_schedule="linear", beta_start=0.0001, beta_end=1.5), r"linear from beta_start/beta_end", True),
+        (dict(beta_schedule="linear", beta_start=NAN, beta_end=0.02), r"in \(0, 1\)", False),
+    ],
+)
+def test_betas_must_lie_in_zero_one(config, match, diffusers_goes_negative):
+    for name in ("DDPMScheduler", "EulerDiscreteScheduler"):
+        with pytest.raises(ValueError, match=match):
+            getattr(minidiff, name)(**config)
+    if diffusers_goes_negative:  # diffusers takes them: ᾱ turns negative, and its square root NaN
+        assert (diffusers.DDPMScheduler(**config).alphas_cumprod <= 0).any()
+
+
+def test_add_noise_checks_its_arguments():
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for name in ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"):
+        ours, theirs = getattr(minidiff, name)(), getattr(diffusers, name)()
+        ours.set_timesteps(10)
+        theirs.set_timesteps(10)
+        t = ours.timesteps[:1]
+        with pytest.raises(ValueError, match=r"`noise` \(2, 4, 4, 4\) and `original_samples` \(2, 4, 8, 8\)"):
+            ours.add_noise(x0, torch.randn(2, 4, 4, 4), t)
+        with pytest.raises(RuntimeError):  # diffusers: a broadcasting error from torch
+            theirs.add_noise(x0, torch.randn(2, 4, 4, 4), theirs.timesteps[:1])
+        with pytest.raises(ValueError, match=r"`timesteps` must be one timestep or one per sample \(2\)"):
+            ours.add_noise(x0, noise, ours.timesteps[:3])
+    ddpm, theirs = minidiff.DDPMScheduler(), diffusers.DDPMScheduler()
+    with pytest.raises(ValueError, match=r"add_noise: `timesteps` must lie in \[0, 999\], got \[-1\]"):
+        ddpm.add_noise(x0, noise, torch.tensor([-1]))
+    wrapped = theirs.add_noise(x0, noise, torch.tensor([-1]))  # diffusers: t = -1 is silently t = 999
+    assert torch.equal(wrapped, theirs.add_noise(x0, noise, torch.tensor([999])))
+    with pytest.raises(ValueError, match="got \\[500, 1000\\]"):
+        ddpm.add_noise(x0, noise, torch.tensor([500, 1000]))
+    with pytest.raises(TypeError, match="`timesteps` must be integers"):
+        ddpm.add_noise(x0, noise, torch.tensor([500.0]))
+    assert torch.equal(ddpm.add_noise(x0, noise, 999), ddpm.add_noise(x0, noise, torch.tensor([999, 999])))

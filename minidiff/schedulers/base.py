@@ -26,6 +26,7 @@ from ..modeling import BaseOutput
 from .config import NoiseScheduleConfig
 from .schedule import (
     beta_sigmas,
+    check_add_noise,
     expand_to,
     exponential_sigmas,
     karras_sigmas,
@@ -229,6 +230,7 @@ class DiscreteScheduler(SchedulerMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) for one timestep per batch item."""
+        timesteps = check_add_noise(original_samples, noise, timesteps, self.config.num_train_timesteps)
         device = original_samples.device
         ab = self.alphas_cumprod.to(device, original_samples.dtype)[timesteps.to(device)]
         return expand_to(ab**0.5, original_samples) * original_samples + expand_to((1 - ab) ** 0.5, noise) * noise
@@ -391,6 +393,7 @@ class SigmaScheduler(SchedulerMixin):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Noise x_0 to the sigma of each given timestep."""
+        timesteps = check_add_noise(original_samples, noise, timesteps)
         sigmas = self.sigmas.to(original_samples.device, original_samples.dtype)
         if self._begin_index is None:
             schedule = self.timesteps.to(original_samples.device)

@@ -16,7 +16,7 @@ import torch
 from ..noise import randn_tensor
 from .base import DiscreteScheduler, SchedulerOutput
 from .config import BETA_SCHEDULES, TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
-from .schedule import dynamic_threshold, spaced_timesteps, vp_x0_eps
+from .schedule import check_custom_timesteps, dynamic_threshold, spaced_timesteps, vp_x0_eps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -54,6 +54,7 @@ class DDPMScheduler(DiscreteScheduler):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps or timesteps")
         if timesteps is not None:
+            check_custom_timesteps(timesteps, T)
             if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
                 raise ValueError(f"custom timesteps must be strictly descending, got {list(timesteps)}")
             if timesteps[0] >= T:

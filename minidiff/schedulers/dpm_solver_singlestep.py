@@ -32,7 +32,7 @@ from ..config import FrozenDict
 from ..noise import randn_tensor
 from .base import SchedulerOutput, VPSolverScheduler
 from .config import FINAL_SIGMAS_TYPES, BetaScheduleConfig, DynamicThresholdingKeys, FlowKeys, SigmaSpacingKeys, one_of
-from .schedule import alpha_sigma_lambda, dynamic_threshold, solver_timesteps, vp_x0_eps
+from .schedule import alpha_sigma_lambda, check_custom_timesteps, dynamic_threshold, solver_timesteps, vp_x0_eps
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
 
@@ -90,7 +90,7 @@ class DPMSolverSinglestepScheduler(VPSolverScheduler):
                 f"{name}.set_timesteps: custom timesteps cannot be used with use_{self._sigma_spacing}_sigmas"
             )
         if timesteps is not None:
-            ts = np.asarray(timesteps).astype(np.int64)
+            ts = check_custom_timesteps(timesteps, T).astype(np.int64)
             n = len(ts)
         else:  # evenly from T - 1, less the steps whose λ is below lambda_min_clipped
             n = self._check_num_steps(num_inference_steps)

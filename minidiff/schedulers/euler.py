@@ -17,7 +17,7 @@ import torch
 from ..noise import randn_tensor
 from .base import SchedulerOutput, SigmaScheduler, reject_step_indices
 from .config import FINAL_SIGMAS_TYPES, NoiseScheduleConfig, SigmaSpacingKeys, one_of
-from .schedule import sigma_to_t, ve_denoised
+from .schedule import check_custom_timesteps, sigma_to_t, ve_denoised
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         else:
             if timesteps is not None:
                 n = self.num_inference_steps = len(timesteps)
-                ts = np.array(timesteps, dtype=np.float32)
+                ts = check_custom_timesteps(timesteps, len(train)).astype(np.float32)
                 sigmas = np.interp(ts, np.arange(len(train)), train)
             else:
                 n = self.num_inference_steps = self._check_num_steps(num_inference_steps)

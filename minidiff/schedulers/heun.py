@@ -18,7 +18,7 @@ import torch
 
 from .base import SchedulerOutput, SigmaScheduler
 from .config import BETA_SCHEDULES, NoiseScheduleConfig, SigmaSpacingKeys, one_of
-from .schedule import ve_denoised
+from .schedule import check_custom_timesteps, ve_denoised
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
             raise ValueError(f"custom timesteps cannot be combined with use_{self._sigma_spacing}_sigmas=True")
         if timesteps is not None:
             n = self.num_inference_steps = len(timesteps)
-            ts = np.array(timesteps, dtype=np.float32)
+            ts = check_custom_timesteps(timesteps, len(self.train_sigmas)).astype(np.float32)
             sigmas = np.interp(ts, np.arange(len(self.train_sigmas)), self.train_sigmas)
         else:
             n = self.num_inference_steps = self._check_num_steps(num_inference_steps)

@@ -25,7 +25,7 @@ from ..modeling import BaseOutput
 from ..noise import randn_tensor
 from .base import DiscreteScheduler
 from .config import TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
-from .schedule import dynamic_threshold, vp_x0_eps
+from .schedule import check_custom_timesteps, dynamic_threshold, vp_x0_eps
 
 logger = logging.getLogger(__name__)
 SIGMA_DATA = 0.5
@@ -108,6 +108,7 @@ class LCMScheduler(DiscreteScheduler):
 
     def _custom_timesteps(self, timesteps: list[int], origin: np.ndarray, strength: float) -> np.ndarray:
         T = self.config.num_train_timesteps
+        check_custom_timesteps(timesteps, T)
         if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
             raise ValueError(f"custom timesteps must be in descending order, got {timesteps}")
         if timesteps[0] >= T:

@@ -83,7 +83,28 @@ def make_betas(
         betas = betas_for_alpha_bar(num_train_timesteps, _exp_alpha_bar)
     else:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}")
+    bad = ~((betas > 0) & (betas < 1))  # β outside (0, 1) makes ᾱ wrap negative or NaN (diffusers takes it)
+    if betas.ndim != 1 or len(betas) == 0 or bad.any():
+        where = "trained_betas" if trained_betas is not None else f"{beta_schedule} from beta_start/beta_end"
+        first = f": β[{int(bad.nonzero()[0])}] = {betas[bad][0].item()}" if bad.any() else ""
+        raise ValueError(f"betas ({where}) must be a non-empty list with every β in (0, 1){first}")
     return rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas
+
+
+def check_custom_timesteps(timesteps: Any, num_train_timesteps: int) -> np.ndarray:
+    """Custom `timesteps`: non-empty, finite, strictly descending, within [0, T - 1] (a negative one would index
+    ᾱ from the end, an ascending list run the schedule backwards)."""
+    ts = np.asarray(timesteps, dtype=np.float64)
+    T = num_train_timesteps
+    if ts.ndim != 1 or len(ts) == 0 or not np.isfinite(ts).all():
+        raise ValueError(f"custom `timesteps` must be a non-empty list of finite numbers, got {timesteps!r}")
+    if (np.diff(ts) >= 0).any():
+        raise ValueError(f"custom `timesteps` must be strictly descending, got {ts.tolist()}")
+    if ts[0] > T - 1 or ts[-1] < 0:
+        raise ValueError(
+            f"custom `timesteps` must lie in [0, {T - 1}] (below num_train_timesteps={T}), got {ts.tolist()}"
+        )
+    return ts
 
 
 def vp_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
@@ -201,6 +222,31 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigmas))
+
+
+def check_add_noise(
+    original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any, num_train_timesteps: int | None = None
+) -> torch.Tensor:
+    """add_noise's arguments: noise shaped as the samples, one timestep or one per sample; for ᾱ-indexed
+    schedulers integers in [0, T) (read only off CPU tensors: no device wait), since -1 would wrap to the end."""
+    timesteps = torch.as_tensor(timesteps)
+    if noise.shape != original_samples.shape:
+        raise ValueError(
+            f"add_noise: `noise` {tuple(noise.shape)} and `original_samples` {tuple(original_samples.shape)} "
+            f"must have the same shape"
+        )
+    if timesteps.ndim > 1 or timesteps.numel() not in (1, original_samples.shape[0]):
+        raise ValueError(
+            f"add_noise: `timesteps` must be one timestep or one per sample ({original_samples.shape[0]}), "
+            f"got shape {tuple(timesteps.shape)}"
+        )
+    if num_train_timesteps is not None:
+        T = num_train_timesteps
+        if timesteps.is_floating_point():
+            raise TypeError(f"add_noise: `timesteps` must be integers (training steps), got {timesteps.dtype}")
+        if timesteps.device.type == "cpu" and not bool(((timesteps >= 0) & (timesteps < T)).all()):
+            raise ValueError(f"add_noise: `timesteps` must lie in [0, {T - 1}], got {timesteps.tolist()}")
+    return timesteps
 
 
 def expand_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
