@@ -31,7 +31,15 @@ from .config import (
     SigmaSpacingKeys,
     one_of,
 )
-from .schedule import alpha_sigma_lambda, dynamic_threshold, karras_sigmas, sigma_to_t, solver_timesteps, vp_x0_eps
+from .schedule import (
+    alpha_sigma_lambda,
+    check_custom_timesteps,
+    dynamic_threshold,
+    karras_sigmas,
+    sigma_to_t,
+    solver_timesteps,
+    vp_x0_eps,
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
             spacing = f"use_{self._sigma_spacing}_sigmas" if self._sigma_spacing else "use_lu_lambdas"
             raise ValueError(f"custom timesteps cannot be combined with {spacing}=True")
         if timesteps is not None:
-            ts = np.array(timesteps).astype(np.int64)
+            ts = check_custom_timesteps(timesteps, T).astype(np.int64)
             n = len(ts)
         else:
             n = self._check_num_steps(num_inference_steps)
