@@ -329,8 +329,7 @@ ALL_SOURCES = {
 def refused(source: str, target: str) -> bool:
     """Swaps diffusers itself refuses (DEIS has no SDE form) or that name an option minidiff refuses."""
     return (target == DEIS and source == "singlestep-3-sde-karras") or (
-        target in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler")
-        and source == "singlestep-dpmsolver"  # "dpmsolver" is not ported (diffusers' EDM one refuses it too)
+        target == "EDMDPMSolverMultistepScheduler" and source == "singlestep-dpmsolver"  # (so does diffusers' EDM)
     )
 
 
