@@ -53,7 +53,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     )
 }
 # the schedulers whose step() takes a `generator` to draw noise with (pipelines pass theirs; DPM-Solver
-# draws only as sde-dpmsolver++, TCD only with eta > 0)
+# draws only as sde-dpmsolver(++), TCD only with eta > 0)
 STOCHASTIC_SCHEDULERS = (
     DDPMScheduler,
     DDIMScheduler,
