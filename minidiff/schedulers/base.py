@@ -36,6 +36,12 @@ from .schedule import (
     vp_sigmas,
 )
 
+# short names for the signatures every scheduler repeats (annotations only)
+Tensor = torch.Tensor
+RNG = torch.Generator | None  # a generator argument
+Timestep = int | float | torch.Tensor
+Device = str | torch.device | None
+
 CONFIG_NAME = "scheduler_config.json"
 SIGMA_SPACINGS = ("karras", "exponential", "beta")  # the use_<kind>_sigmas keys, in the order diffusers checks them
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import DiscreteScheduler, SchedulerOutput
+from .base import RNG, DiscreteScheduler, SchedulerOutput, Tensor, Timestep
 from .config import TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
 from .schedule import dynamic_threshold, spaced_timesteps, vp_x0_eps
 
@@ -48,13 +48,13 @@ class DDIMScheduler(DiscreteScheduler):
 
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
+        model_output: Tensor,
+        timestep: Timestep,
+        sample: Tensor,
         eta: float = 0.0,
         use_clipped_model_output: bool = False,
-        generator: torch.Generator | None = None,
-        variance_noise: torch.Tensor | None = None,
+        generator: RNG = None,
+        variance_noise: Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         self._check_ready()

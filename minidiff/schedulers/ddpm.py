@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import DiscreteScheduler, SchedulerOutput
+from .base import RNG, Device, DiscreteScheduler, SchedulerOutput, Tensor, Timestep
 from .config import BETA_SCHEDULES, TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
 from .schedule import check_custom_timesteps, dynamic_threshold, spaced_timesteps, vp_x0_eps
 
@@ -44,10 +44,7 @@ class DDPMScheduler(DiscreteScheduler):
         self.variance_type = self.config.variance_type
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, timesteps: list[int] | None = None
     ) -> None:
         """Choose the steps to sample at: `num_inference_steps` spaced ones, or a descending custom list."""
         T = self.config.num_train_timesteps
@@ -101,12 +98,7 @@ class DDPMScheduler(DiscreteScheduler):
         return torch.exp(0.5 * (frac * torch.log(beta_t) + (1 - frac) * torch.log(small)))
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
+        self, model_output: Tensor, timestep: Timestep, sample: Tensor, generator: RNG = None, return_dict: bool = True
     ) -> SchedulerOutput | tuple:
         """Sample x_{t-1} from the posterior q(x_{t-1} | x_t, x̂_0) [1, eqs. 6-7]."""
         self._check_ready()

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import SchedulerOutput, VPSolverScheduler
+from .base import RNG, Device, SchedulerOutput, Tensor, Timestep, VPSolverScheduler
 from .config import (
     FINAL_SIGMAS_TYPES,
     DynamicThresholdingKeys,
@@ -92,10 +92,7 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
         self.lower_order_nums = 0  # steps taken so far (caps the usable order)
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        timesteps: list[int] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, timesteps: list[int] | None = None
     ) -> None:
         """`num_inference_steps` spaced steps, or custom descending integer `timesteps`."""
         c = self.config
@@ -214,11 +211,11 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
 
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        variance_noise: torch.Tensor | None = None,
+        model_output: Tensor,
+        timestep: Timestep,
+        sample: Tensor,
+        generator: RNG = None,
+        variance_noise: Tensor | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         self._init_step_index(timestep)

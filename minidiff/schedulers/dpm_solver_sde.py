@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerOutput, SigmaScheduler, Tensor, Timestep
 from .config import NoiseScheduleConfig, SigmaSpacingKeys, one_of
 from .schedule import sigma_to_t, spaced_timesteps, ve_denoised
 
@@ -126,12 +126,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        return_dict: bool = True,
-        s_noise: float = 1.0,
+        self, model_output: Tensor, timestep: Timestep, sample: Tensor, return_dict: bool = True, s_noise: float = 1.0
     ) -> SchedulerOutput | tuple:
         self._init_step_index(timestep)
         i, first = self._step_index, self.state_in_first_order

@@ -30,7 +30,7 @@ import torch
 
 from ..config import FrozenDict
 from ..noise import randn_tensor
-from .base import SchedulerOutput, VPSolverScheduler
+from .base import Device, SchedulerOutput, Tensor, Timestep, VPSolverScheduler
 from .config import FINAL_SIGMAS_TYPES, BetaScheduleConfig, DynamicThresholdingKeys, FlowKeys, SigmaSpacingKeys, one_of
 from .schedule import alpha_sigma_lambda, check_custom_timesteps, dynamic_threshold, solver_timesteps, vp_x0_eps
 
@@ -77,7 +77,7 @@ class DPMSolverSinglestepScheduler(VPSolverScheduler):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         timesteps: list[int] | np.ndarray | None = None,
     ) -> None:
         """`num_inference_steps` evenly spaced steps (σ's respaced if a use_*_sigmas key is set), or custom
@@ -157,9 +157,9 @@ class DPMSolverSinglestepScheduler(VPSolverScheduler):
 
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
+        model_output: Tensor,
+        timestep: Timestep,
+        sample: Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .base import SchedulerMixin
+from .base import Device, SchedulerMixin, Tensor
 from .config import FINAL_SIGMAS_TYPES, SchedulerConfig, one_of
 from .euler import EulerDiscreteScheduler
 
@@ -97,10 +97,7 @@ class EDMEulerScheduler(EDMPreconditioning, EulerDiscreteScheduler):
         self._init_edm(config, torch.arange(T + 1, dtype=torch.float64) / T)
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: torch.Tensor | list[float] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, sigmas: Tensor | list[float] | None = None
     ) -> None:
         """`num_inference_steps` σ's at evenly spaced ramp points, or at a custom ramp (diffusers calls it `sigmas`)."""
         if (num_inference_steps is None) == (sigmas is None):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import SchedulerOutput, SigmaScheduler, reject_step_indices
+from .base import RNG, Device, SchedulerOutput, SigmaScheduler, Tensor, Timestep, reject_step_indices
 from .config import FINAL_SIGMAS_TYPES, NoiseScheduleConfig, SigmaSpacingKeys, one_of
 from .schedule import check_custom_timesteps, sigma_to_t, ve_denoised
 
@@ -50,7 +50,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
     ) -> None:
@@ -94,14 +94,14 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
+        model_output: Tensor,
+        timestep: Timestep,
+        sample: Tensor,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
         s_tmax: float = float("inf"),
         s_noise: float = 1.0,
-        generator: torch.Generator | None = None,
+        generator: RNG = None,
         return_dict: bool = True,
     ) -> SchedulerOutput | tuple:
         reject_step_indices(timestep, type(self).__name__)

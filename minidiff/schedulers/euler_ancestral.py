@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..noise import randn_tensor
-from .base import SchedulerOutput, SigmaScheduler, reject_step_indices
+from .base import RNG, SchedulerOutput, SigmaScheduler, Tensor, Timestep, reject_step_indices
 from .config import NoiseScheduleConfig, one_of
 from .schedule import ve_denoised
 
@@ -38,12 +38,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         self._set_table(ts, np.append(sigmas, 0.0), device, torch.float32)
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
+        self, model_output: Tensor, timestep: Timestep, sample: Tensor, generator: RNG = None, return_dict: bool = True
     ) -> SchedulerOutput | tuple:
         reject_step_indices(timestep, type(self).__name__)
         self._init_step_index(timestep)

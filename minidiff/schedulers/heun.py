@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, SigmaScheduler
+from .base import Device, SchedulerOutput, SigmaScheduler
 from .config import BETA_SCHEDULES, NoiseScheduleConfig, SigmaSpacingKeys, one_of
 from .schedule import check_custom_timesteps, ve_denoised
 
@@ -54,7 +54,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         num_train_timesteps: int | None = None,
         timesteps: list[float] | None = None,
     ) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, SigmaScheduler
+from .base import Device, SchedulerOutput, SigmaScheduler
 from .config import NoiseScheduleConfig, SigmaSpacingKeys, one_of
 from .schedule import sigma_to_t, ve_denoised
 
@@ -53,10 +53,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
         return sigmas[1:]
 
     def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: str | torch.device | None = None,
-        num_train_timesteps: int | None = None,
+        self, num_inference_steps: int, device: Device = None, num_train_timesteps: int | None = None
     ) -> None:
         """`num_inference_steps` steps (spaced over `num_train_timesteps` if given): 2n - 1 evaluations."""
         n = self.num_inference_steps = self._check_num_steps(num_inference_steps)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..noise import randn_tensor
-from .base import SchedulerOutput
+from .base import RNG, SchedulerOutput, Tensor, Timestep
 from .kdpm2 import KDPM2DiscreteScheduler
 
 
@@ -30,12 +30,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
         return (sigma_next**2 - self.up_sigmas**2) ** 0.5
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
+        self, model_output: Tensor, timestep: Timestep, sample: Tensor, generator: RNG = None, return_dict: bool = True
     ) -> SchedulerOutput | tuple:
         prev_sample, denoised, k, finished = self._evaluate(model_output, timestep, sample)
         if finished:

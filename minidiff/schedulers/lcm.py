@@ -23,7 +23,7 @@ import torch
 
 from ..modeling import BaseOutput
 from ..noise import randn_tensor
-from .base import DiscreteScheduler
+from .base import RNG, Device, DiscreteScheduler, Tensor, Timestep
 from .config import TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
 from .schedule import check_custom_timesteps, dynamic_threshold, vp_x0_eps
 
@@ -80,7 +80,7 @@ class LCMScheduler(DiscreteScheduler):
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
+        device: Device = None,
         original_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         strength: float = 1.0,
@@ -138,12 +138,7 @@ class LCMScheduler(DiscreteScheduler):
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
+        self, model_output: Tensor, timestep: Timestep, sample: Tensor, generator: RNG = None, return_dict: bool = True
     ) -> LCMSchedulerOutput | tuple:
         t = self._timestep_value(timestep)
         self._init_step_index(t)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, SigmaScheduler
+from .base import SchedulerOutput, SigmaScheduler, Tensor, Timestep
 from .config import NoiseScheduleConfig, SigmaSpacingKeys
 from .schedule import ve_denoised
 
@@ -59,12 +59,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         self.derivatives = []
 
     def step(
-        self,
-        model_output: torch.Tensor,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        order: int = 4,
-        return_dict: bool = True,
+        self, model_output: Tensor, timestep: Timestep, sample: Tensor, order: int = 4, return_dict: bool = True
     ) -> SchedulerOutput | tuple:
         self._init_step_index(timestep)
         i = self._step_index

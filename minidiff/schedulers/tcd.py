@@ -22,6 +22,7 @@ import torch
 
 from ..modeling import BaseOutput
 from ..noise import randn_tensor
+from .base import RNG, Tensor, Timestep
 from .config import not_implemented
 from .lcm import LCMConfig, LCMScheduler
 from .schedule import vp_x0_eps
@@ -55,11 +56,11 @@ class TCDScheduler(LCMScheduler):
 
     def step(
         self,
-        model_output: torch.Tensor,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
+        model_output: Tensor,
+        timestep: Timestep,
+        sample: Tensor,
         eta: float = 0.3,
-        generator: torch.Generator | None = None,
+        generator: RNG = None,
         return_dict: bool = True,
     ) -> TCDSchedulerOutput | tuple:
         if not 0 <= eta <= 1:

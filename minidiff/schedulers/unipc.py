@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import SchedulerOutput, VPSolverScheduler
+from .base import Device, SchedulerOutput, VPSolverScheduler
 from .config import (
     FINAL_SIGMAS_TYPES,
     DynamicThresholdingKeys,
@@ -70,10 +70,7 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         self.this_order = 1  # the predictor order of the previous step = the corrector order of this one
 
     def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: list[float] | None = None,
+        self, num_inference_steps: int | None = None, device: Device = None, sigmas: list[float] | None = None
     ) -> None:
         """`num_inference_steps` spaced steps (custom `sigmas` are for flow-matching models, not implemented)."""
         if sigmas is not None:
