@@ -268,13 +268,11 @@ class SigmaScheduler(SchedulerMixin):
     _unknown_timestep_is_last: ClassVar[bool] = False
     # add_noise form: x_0 + σ ε (LMS, Euler, Heun) or α x_0 + σ_t ε with α = 1/sqrt(σ² + 1) (DPM, UniPC)
     _variance_preserving: ClassVar[bool] = False
-    # refuse more than one of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas (diffusers does)
-    _one_sigma_spacing: ClassVar[bool] = False
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
-        keys = [f"use_{kind}_sigmas" for kind in SIGMA_SPACINGS]
-        if self._one_sigma_spacing and sum(bool(self.config.get(k)) for k in keys) > 1:
+        keys = [f"use_{kind}_sigmas" for kind in SIGMA_SPACINGS]  # at most one may be set (diffusers refuses more)
+        if sum(bool(self.config.get(k)) for k in keys) > 1:
             raise ValueError(f"{type(self).__name__}: only one of {', '.join(keys)} can be set")
         self._init_noise_schedule()
         if self.config.get("rescale_betas_zero_snr"):

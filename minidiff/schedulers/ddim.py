@@ -33,7 +33,6 @@ class DDIMScheduler(DiscreteScheduler):
     """Denoising Diffusion Implicit Models (Song et al., 2021)."""
 
     config_class = DDIMConfig
-    order = 1
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

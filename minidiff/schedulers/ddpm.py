@@ -35,7 +35,6 @@ class DDPMScheduler(DiscreteScheduler):
     """Denoising Diffusion Probabilistic Models (Ho et al., 2020), with sub-sampled timesteps."""
 
     config_class = DDPMConfig
-    order = 1
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

@@ -53,7 +53,6 @@ class DEISMultistepScheduler(VPSolverScheduler):
     """DEIS multistep, log-ρ Adams-Bashforth, orders 1-3 (Zhang & Chen, 2023)."""
 
     config_class = DEISMultistepConfig
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

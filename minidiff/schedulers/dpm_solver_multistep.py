@@ -72,8 +72,6 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
     """DPM-Solver++ and DPM-Solver multistep, ODE and SDE (Lu et al., 2022)."""
 
     config_class = DPMSolverMultistepConfig
-    order = 1
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

@@ -84,7 +84,6 @@ class DPMSolverSDEScheduler(SigmaScheduler):
 
     config_class = DPMSolverSDEConfig
     order = 2
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         import_torchsde()  # fail at construction, not at the first step

@@ -60,7 +60,6 @@ class DPMSolverSinglestepScheduler(VPSolverScheduler):
     """DPM-Solver / DPM-Solver++ singlestep, orders 1-3 (Lu et al., 2022)."""
 
     config_class = DPMSolverSinglestepConfig
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

@@ -34,8 +34,6 @@ class EulerDiscreteScheduler(SigmaScheduler):
     """Euler sampler in σ (Karras et al., 2022, Algorithm 2 with first-order steps)."""
 
     config_class = EulerDiscreteConfig
-    order = 1
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

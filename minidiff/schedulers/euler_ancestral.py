@@ -30,7 +30,6 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """Euler ancestral sampler (k-diffusion's sample_euler_ancestral; Ho et al., 2020)."""
 
     config_class = EulerAncestralDiscreteConfig
-    order = 1
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         self.num_inference_steps = self._check_num_steps(num_inference_steps)

@@ -35,7 +35,6 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     config_class = HeunDiscreteConfig
     order = 2
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

@@ -37,7 +37,6 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
 
     config_class = KDPM2DiscreteConfig
     order = 2
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

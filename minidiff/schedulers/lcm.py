@@ -57,7 +57,6 @@ class LCMScheduler(DiscreteScheduler):
     """Multistep latent consistency sampling (Luo et al., 2023; Song et al., 2023)."""
 
     config_class = LCMConfig
-    order = 1
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

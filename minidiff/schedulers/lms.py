@@ -43,8 +43,6 @@ class LMSDiscreteScheduler(SigmaScheduler):
     """Linear multistep sampler in σ (Karras et al., 2022; k-diffusion's sample_lms)."""
 
     config_class = LMSDiscreteConfig
-    order = 1
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

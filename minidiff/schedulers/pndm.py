@@ -38,7 +38,6 @@ class PNDMScheduler(DiscreteScheduler):
     """Pseudo Numerical methods for Diffusion Models: PRK warm-up + PLMS (Liu et al., 2022)."""
 
     config_class = PNDMConfig
-    order = 1
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

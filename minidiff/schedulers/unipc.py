@@ -54,8 +54,6 @@ class UniPCMultistepScheduler(VPSolverScheduler):
     """UniPC multistep predictor-corrector, bh1 / bh2 (Zhao et al., 2023)."""
 
     config_class = UniPCMultistepConfig
-    order = 1
-    _one_sigma_spacing = True
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
