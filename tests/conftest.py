@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 from pathlib import Path
@@ -65,6 +67,58 @@ def hub_cache(tmp_path, monkeypatch):
 
 CLIP_BPE = Path(__file__).resolve().parents[1] / "minidiff" / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
+# ---------------------------------------------------------------- tiny model configs (diffusers and minidiff alike)
+
+# a DDPM-style UNet2DModel: two levels, attention on the lower one
+TINY_UNET_2D = dict(
+    sample_size=8,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
+# the DDPM flavour: one attention head, sin-first embedding, freq_shift 1, padded downsampling
+DDPM_FLAVOUR = dict(attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6)
+# an SD-style UNet2DConditionModel: cross-attention on the upper level only
+TINY_COND_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def vae_config(block_out_channels: tuple, norm_num_groups: int = 8, layers_per_block: int = 1, **more) -> dict:
+    """An AutoencoderKL config with one plain encoder / decoder block per level."""
+    levels = len(block_out_channels)
+    return dict(
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        **more,
+    )
+
+
+def clip_config(hidden_size: int, num_hidden_layers: int, num_attention_heads: int, **more) -> dict:
+    """A CLIP text config on the real 49408-id vocabulary with SD 1's token ids, an MLP twice as wide."""
+    base = dict(vocab_size=49408, intermediate_size=2 * hidden_size, bos_token_id=0, eos_token_id=2)
+    size = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads)
+    return base | size | more
+
+
+def assert_missing_keys_mean_diffusers_defaults(ours_cls, diffusers_cls):
+    """A config.json without a key means diffusers' default for it, not minidiff's SD1.5 default."""
+    ours = ours_cls._config_from_dict({"_class_name": diffusers_cls.__name__})
+    defaults = inspect.signature(diffusers_cls.__init__).parameters
+    for f in dataclasses.fields(ours):
+        default = defaults[f.name].default
+        assert getattr(ours, f.name) == (tuple(default) if isinstance(default, list) else default), f.name
+
 
 def tiny_sd_components(kind: str, seed: int = 0, inpaint: bool = False) -> dict:
     """diffusers / transformers components of a tiny SD1- or SD2-style pipeline, every weight perturbed.
@@ -77,45 +131,21 @@ def tiny_sd_components(kind: str, seed: int = 0, inpaint: bool = False) -> dict:
     sd2 = kind == "sd2"
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
+        **TINY_COND_UNET,
         sample_size=16,
         in_channels=9 if inpaint else 4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4) if sd2 else 2,
         use_linear_projection=sd2,
         upcast_attention=sd2,
     )
     vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+        **vae_config((16, 32), in_channels=3, out_channels=3, latent_channels=4, sample_size=32)
     )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            projection_dim=32,
-            bos_token_id=49406 if sd2 else 0,
-            eos_token_id=49407 if sd2 else 2,
-            pad_token_id=1,
-        )
-    )
+    text = clip_config(32, 3, 4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, pad_token_id=1)
+    if sd2:
+        text |= dict(hidden_act="gelu", bos_token_id=49406, eos_token_id=49407)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text))
     for i, model in enumerate((unet, vae, text_encoder)):
         perturb(model.eval(), seed + i, scale=0.02)
     name = "sd-v2-1" if sd2 else "sd-v1-5"

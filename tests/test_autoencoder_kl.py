@@ -3,13 +3,10 @@ every weight perturbed, loaded through minidiff's from_pretrained; legacy attent
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-
 import diffusers
 import pytest
 import torch
-from conftest import perturb, reference_config, rel_err
+from conftest import assert_missing_keys_mean_diffusers_defaults, perturb, reference_config, rel_err
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as ReferenceGaussian
 from safetensors.torch import load_file, save_file
 
@@ -163,11 +160,7 @@ def test_unsupported_config_is_refused_by_name():
 
 
 def test_missing_config_keys_mean_diffusers_defaults():
-    ours = AutoencoderKL._config_from_dict({"_class_name": "AutoencoderKL"})
-    defaults = inspect.signature(diffusers.AutoencoderKL.__init__).parameters
-    for f in dataclasses.fields(ours):
-        default = defaults[f.name].default
-        assert getattr(ours, f.name) == (tuple(default) if isinstance(default, list) else default), f.name
+    assert_missing_keys_mean_diffusers_defaults(AutoencoderKL, diffusers.AutoencoderKL)
     sd15 = AutoencoderKL._config_from_dict(reference_config("sd-v1-5.vae"))
     assert sd15.scaling_factor == 0.18215 and sd15.layers_per_block == 2
 

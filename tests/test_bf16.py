@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLIP_BPE, perturb, reference_config
+from conftest import CLIP_BPE, clip_config, perturb, reference_config, vae_config
 
 from minidiff import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -45,29 +45,9 @@ def sd_folder(tmp_path_factory) -> Path:
         cross_attention_dim=256,
         attention_head_dim=8,
     )  # SD 1.5's block types and 8 heads
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64, 128, 128),
-        layers_per_block=2,
-        norm_num_groups=32,
-        latent_channels=4,
-        sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=12,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=256,
-            bos_token_id=0,
-            eos_token_id=2,
-        )
-    )
+    vae = diffusers.AutoencoderKL(**vae_config((32, 64, 128, 128), 32, 2, latent_channels=4, sample_size=SIZE))
+    text = clip_config(256, 12, 4, intermediate_size=1024, max_position_embeddings=77, projection_dim=256)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text, hidden_act="quick_gelu"))
     for i, model in enumerate((unet, vae, text_encoder)):
         perturb(model.eval(), i, scale=0.02)
     tokenizer = transformers.CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(CLIP_BPE, folder / "_tok"))

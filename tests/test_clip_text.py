@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import perturb, reference_config, rel_err
+from conftest import clip_config, perturb, reference_config, rel_err
 from safetensors.torch import load_file, save_file
 
 from minidiff.clip_text import CLIPTextConfig, CLIPTextModel
@@ -21,19 +21,9 @@ from weights_conversion.clip_text import FORMAT
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
-TINY = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    max_position_embeddings=16,
-    hidden_act="quick_gelu",
-    bos_token_id=97,
-    eos_token_id=60,
-    pad_token_id=1,
-    projection_dim=16,
-)
+# a 100-id vocabulary, 16 positions; BOS / EOS ids off the usual 0 / 2
+TINY = clip_config(32, 3, 4, vocab_size=100, max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=16)
+TINY |= dict(bos_token_id=97, eos_token_id=60, pad_token_id=1)
 
 
 def reference_model(seed: int = 0, **config) -> torch.nn.Module:

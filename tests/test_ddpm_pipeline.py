@@ -6,24 +6,12 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import perturb, reference_config
+from conftest import DDPM_FLAVOUR, TINY_UNET_2D, perturb, reference_config
 from test_unet_2d import legacy_names
 
 import minidiff
 
-TINY_UNET = dict(
-    sample_size=16,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    downsample_padding=0,
-    norm_eps=1e-6,
-)
+TINY_UNET = dict(TINY_UNET_2D, sample_size=16, **DDPM_FLAVOUR)
 
 
 def save_pipeline(folder, unet_config: dict, legacy: bool) -> None:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb, rel_err
+from conftest import TINY_COND_UNET, TINY_UNET_2D, perturb, rel_err, vae_config
 
 from minidiff import AutoencoderKL, UNet2DConditionModel, UNet2DModel, fast
 from minidiff.layers import ResnetBlock2D
@@ -14,31 +14,9 @@ from minidiff.layers import ResnetBlock2D
 
 def _tiny_models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2,
-    )
-    ddpm = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
+    unet = UNet2DConditionModel(**TINY_COND_UNET, sample_size=8, attention_head_dim=2)
+    ddpm = UNet2DModel(**TINY_UNET_2D)
+    vae = AutoencoderKL(**vae_config((16, 32)))
     return {"unet": perturb(unet.eval()), "ddpm": perturb(ddpm.eval()), "vae": perturb(vae.eval())}
 
 

@@ -10,20 +10,13 @@ import shutil
 import diffusers
 import pytest
 import torch
-from conftest import perturb
+from conftest import TINY_UNET_2D, perturb
 from safetensors.torch import load_file
 
 from minidiff import UNet2DModel
 from minidiff.loading import CheckpointError, read_tensors
 
-TINY = dict(
-    sample_size=8,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
+TINY = TINY_UNET_2D
 
 
 @pytest.fixture(scope="module")

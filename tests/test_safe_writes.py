@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import TINY_COND_UNET, TINY_UNET_2D, clip_config, vae_config
 
 import minidiff
 from minidiff import AutoencoderKL, CLIPTextModel, UNet2DConditionModel, cli, files
@@ -75,42 +76,13 @@ SAVE_HALF, SAVE_FILE_HALF = half_then_fail(torch.save), half_then_fail(safetenso
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    unet = UNet2DConditionModel._config_from_dict(
-        dict(
-            sample_size=64,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            norm_num_groups=32,
-            cross_attention_dim=64,
-            attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
+    unet_config = TINY_COND_UNET | dict(
+        sample_size=64, norm_num_groups=32, cross_attention_dim=64, attention_head_dim=8
     )
-    vae = AutoencoderKL._config_from_dict(
-        dict(
-            block_out_channels=(32, 32),
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=512,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-        )
-    )
-    text = CLIPTextModel._config_from_dict(
-        dict(
-            vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    )
+    unet = UNet2DConditionModel._config_from_dict(unet_config)
+    vae = AutoencoderKL._config_from_dict(vae_config((32, 32), norm_num_groups=32, sample_size=512))
+    text_config = clip_config(64, 1, 1, hidden_act="quick_gelu", projection_dim=768, pad_token_id=1)
+    text = CLIPTextModel._config_from_dict(text_config)
     return dict(unet=UNet2DConditionModel(unet), vae=AutoencoderKL(vae), text_encoder=CLIPTextModel(text))
 
 
@@ -421,14 +393,7 @@ def test_generate_bad_arguments(args, error, tmp_path, capsys, no_model, ddpm_fo
 
 @pytest.fixture(scope="module")
 def ddpm_folder(tmp_path_factory) -> Path:
-    unet = minidiff.UNet2DModel(
-        sample_size=8,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
+    unet = minidiff.UNet2DModel(**TINY_UNET_2D)
     folder = tmp_path_factory.mktemp("ddpm") / "ddpm"
     minidiff.DDPMPipeline(unet=unet, scheduler=minidiff.DDPMScheduler(num_train_timesteps=10)).save_pretrained(folder)
     return folder

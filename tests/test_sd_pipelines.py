@@ -170,15 +170,8 @@ def mask_image(h: int = 32, w: int = 32) -> Image.Image:
 )
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_img2img(folders, kind, scheduler):
-    compare(
-        folders[kind],
-        "StableDiffusionImg2ImgPipeline",
-        scheduler,
-        prompt="a painting",
-        image=init_image(),
-        strength=0.6,
-        num_inference_steps=6,
-    )
+    inputs = dict(prompt="a painting", image=init_image(), strength=0.6, num_inference_steps=6)
+    compare(folders[kind], "StableDiffusionImg2ImgPipeline", scheduler, **inputs)
 
 
 def test_img2img_batches_and_inputs(folders):
@@ -195,14 +188,8 @@ def test_img2img_batches_and_inputs(folders):
     [("inpaint9", None), ("inpaint9", "DDIMScheduler"), ("sd1", None), ("sd2", "EulerDiscreteScheduler")],
 )
 def test_inpaint(folders, kind, scheduler):
-    compare(
-        folders[kind],
-        "StableDiffusionInpaintPipeline",
-        scheduler,
-        prompt="a hat",
-        image=init_image(),
-        mask_image=mask_image(),
-    )
+    inputs = dict(prompt="a hat", image=init_image(), mask_image=mask_image())
+    compare(folders[kind], "StableDiffusionInpaintPipeline", scheduler, **inputs)
 
 
 def test_inpaint_options(folders):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import CLIP_BPE, perturb, reference_config, rel_err
+from conftest import CLIP_BPE, clip_config, perturb, reference_config, rel_err, vae_config
 from safetensors.torch import load_file, save_file
 
 from minidiff import (
@@ -181,30 +181,11 @@ def tiny_components(kind: str, inpaint: bool = False, seed: int = 0) -> dict:
         upcast_attention=sd2 and not inpaint,
         **levels,
     )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 32, 64),
-        layers_per_block=1,
-        norm_num_groups=32,
-        latent_channels=4,
-        sample_size=768 if sd2 and not inpaint else 512,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-    )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=23 if sd2 else 2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            projection_dim=512 if sd2 else 768,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    )
+    vae_size = 768 if sd2 and not inpaint else 512
+    vae = diffusers.AutoencoderKL(**vae_config((32, 32, 64), 32, latent_channels=4, sample_size=vae_size))
+    text = clip_config(128, 23 if sd2 else 2, 2, max_position_embeddings=77, pad_token_id=1)
+    text |= dict(hidden_act="gelu", projection_dim=512) if sd2 else dict(hidden_act="quick_gelu", projection_dim=768)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text))
     for i, model in enumerate((unet, vae, text_encoder)):
         perturb(model.eval(), seed + i, scale=0.02)
     config = reference_config(f"{'sd-v2-1' if sd2 else 'sd-v1-5'}.scheduler")

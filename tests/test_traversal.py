@@ -19,19 +19,13 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import TINY_UNET_2D
 
 import minidiff
 from minidiff import DDPMPipeline, DDPMScheduler, UNet2DModel, loading
 from minidiff.loading import CheckpointError
 
-TINY = dict(
-    sample_size=8,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
+TINY = TINY_UNET_2D
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 

@@ -7,28 +7,16 @@ import json
 import diffusers
 import pytest
 import torch
-from conftest import perturb, reference_config, rel_err
+from conftest import DDPM_FLAVOUR, TINY_UNET_2D, perturb, reference_config, rel_err
 from safetensors.torch import load_file, save_file
 
 from minidiff import UNet2DModel
 from weights_conversion import ConversionError
 
-TINY = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    norm_num_groups=8,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-)
-# the DDPM flavour: one attention head, sin-first embedding, freq_shift 1, padded downsampling
+TINY = dict(TINY_UNET_2D, sample_size=16, block_out_channels=(32, 64), layers_per_block=2)
 TINY_DDPM = dict(
     TINY,
-    attention_head_dim=None,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    downsample_padding=0,
-    norm_eps=1e-6,
+    **DDPM_FLAVOUR,
     block_out_channels=(16, 32, 32),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),

@@ -3,15 +3,13 @@ SD 1.5 and SD 2.1 configs, every weight perturbed, loaded through minidiff's fro
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import inspect
 import re
 
 import diffusers
 import pytest
 import torch
-from conftest import perturb, reference_config
+from conftest import assert_missing_keys_mean_diffusers_defaults, perturb, reference_config
 from safetensors.torch import load_file, save_file
 
 from minidiff.compare import assert_same_outputs
@@ -182,11 +180,7 @@ def test_unsupported_config_is_refused_by_name(change):
 
 def test_missing_config_keys_mean_diffusers_defaults():
     """A config.json without a key means diffusers' default for it, not minidiff's SD1.5 default."""
-    ours = UNet2DConditionModel._config_from_dict({"_class_name": "UNet2DConditionModel"})
-    defaults = inspect.signature(diffusers.UNet2DConditionModel.__init__).parameters
-    for f in dataclasses.fields(ours):
-        default = defaults[f.name].default
-        assert getattr(ours, f.name) == (tuple(default) if isinstance(default, list) else default), f.name
+    assert_missing_keys_mean_diffusers_defaults(UNet2DConditionModel, diffusers.UNet2DConditionModel)
 
 
 def test_attention_head_dim_counts_heads():
