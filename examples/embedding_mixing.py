@@ -38,9 +38,9 @@ import argparse
 from typing import Any
 
 import numpy as np
+import stable_diffusion_loop as sd_loop
 import torch
 from ddpm_loop import Library, save_png
-from stable_diffusion_loop import add_common_arguments, decode_latents, load_components, sample_latents, tokenize
 
 import minidiff
 
@@ -72,7 +72,7 @@ def mixed_prompt_embeddings(
     tokenizer: Any, text_encoder: Any, prompt: str, word: str = "puppy", other: str = "skunk", mix: float = 0.5
 ) -> torch.Tensor:
     """Encode `prompt` with each occurrence of `word` replaced by (1 - mix) * word + mix * other."""
-    input_ids = tokenize(tokenizer, [prompt]).to(text_encoder.device)
+    input_ids = sd_loop.tokenize(tokenizer, [prompt]).to(text_encoder.device)
     word_id, other_id = word_token_id(tokenizer, word), word_token_id(tokenizer, other)
     if not (input_ids == word_id).any():
         raise ValueError(f"{word!r} does not occur in the prompt {prompt!r}")
@@ -100,24 +100,17 @@ def generate(
     progress: bool = False,
 ) -> np.ndarray:
     """Prompt with a mixed word -> one (1, H, W, 3) image in [0, 1]."""
-    c = load_components(lib, model, scheduler, device)
+    c = sd_loop.load_components(lib, model, scheduler, device)
     prompt_embeds = mixed_prompt_embeddings(c.tokenizer, c.text_encoder, prompt, word, other, mix)
-    latents = sample_latents(
-        c,
-        prompt_embeds,
-        steps,
-        torch.Generator().manual_seed(seed),
-        height or c.default_size(),
-        width or c.default_size(),
-        guidance_scale,
-        progress,
-    )
-    return decode_latents(c.vae, latents)
+    size = (height or c.default_size(), width or c.default_size())
+    generator = torch.Generator().manual_seed(seed)
+    latents = sd_loop.sample_latents(c, prompt_embeds, steps, generator, *size, guidance_scale, progress)
+    return sd_loop.decode_latents(c.vae, latents)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser, default_seed=32)
+    sd_loop.add_common_arguments(parser, default_seed=32)
     parser.set_defaults(steps=30)
     parser.add_argument("--prompt", default="a picture of a puppy")
     parser.add_argument("--word", default="puppy", help="the word of the prompt whose token vector is mixed")
@@ -126,22 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheduler", default="LMSDiscreteScheduler", help="a minidiff scheduler class name")
     parser.add_argument("--output", default="embedding_mixing.png", help="PNG file to write")
     args = parser.parse_args(argv)
-    image = generate(
-        minidiff,
-        args.model,
-        args.prompt,
-        args.word,
-        args.other,
-        args.mix,
-        args.steps,
-        args.seed,
-        args.height,
-        args.width,
-        args.guidance,
-        args.scheduler,
-        args.device,
-        progress=True,
-    )[0]
+    mixing = dict(prompt=args.prompt, word=args.word, other=args.other, mix=args.mix)
+    image = generate(minidiff, **mixing, scheduler=args.scheduler, **sd_loop.common_options(args))[0]
     save_png(image, args.output)
     print(f"wrote {args.output}")
 

@@ -43,6 +43,7 @@ from ddpm_loop import Library, save_png
 from PIL import Image
 from stable_diffusion_loop import (
     add_common_arguments,
+    common_options,
     decode_latents,
     denoise,
     encode_prompt,
@@ -113,20 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start-step", type=int, default=10, help="skip this many of the noisiest steps")
     parser.add_argument("--output", default="img2img.png", help="PNG file to write")
     args = parser.parse_args(argv)
-    image = img2img(
-        minidiff,
-        args.model,
-        args.image,
-        args.prompt,
-        args.steps,
-        args.start_step,
-        args.seed,
-        args.height,
-        args.width,
-        args.guidance,
-        device=args.device,
-        progress=True,
-    )[0]
+    image = img2img(minidiff, image=args.image, prompt=args.prompt, start_step=args.start_step, **common_options(args))[
+        0
+    ]
     save_png(image, args.output)
     print(f"wrote {args.output}")
 

@@ -165,16 +165,9 @@ def generate(
     """Prompt -> one (1, H, W, 3) image in [0, 1]."""
     c = load_components(lib, model, scheduler, device)
     prompt_embeds = encode_prompt(c.tokenizer, c.text_encoder, [prompt])
-    latents = sample_latents(
-        c,
-        prompt_embeds,
-        steps,
-        torch.Generator().manual_seed(seed),
-        height or c.default_size(),
-        width or c.default_size(),
-        guidance_scale,
-        progress,
-    )
+    size = (height or c.default_size(), width or c.default_size())
+    generator = torch.Generator().manual_seed(seed)
+    latents = sample_latents(c, prompt_embeds, steps, generator, *size, guidance_scale, progress)
     return decode_latents(c.vae, latents)
 
 
@@ -189,6 +182,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_seed: int = 0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
 
 
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of add_common_arguments as keyword arguments of generate() and its kin, with a progress bar."""
+    options = dict(model=args.model, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    return options | dict(height=args.height, width=args.width, device=args.device, progress=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
@@ -196,19 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheduler", default="UniPCMultistepScheduler", help="a minidiff scheduler class name")
     parser.add_argument("--output", default="stable_diffusion.png", help="PNG file to write")
     args = parser.parse_args(argv)
-    image = generate(
-        minidiff,
-        args.model,
-        args.prompt,
-        args.steps,
-        args.seed,
-        args.height,
-        args.width,
-        args.guidance,
-        args.scheduler,
-        args.device,
-        progress=True,
-    )[0]
+    image = generate(minidiff, prompt=args.prompt, scheduler=args.scheduler, **common_options(args))[0]
     save_png(image, args.output)
     print(f"wrote {args.output}")
 
