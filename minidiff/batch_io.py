@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .files import fsync
+
 MANIFEST = "manifest.jsonl"
 RANK_MANIFEST = "manifest.rank{}.jsonl"
 TMP_SUFFIX = ".tmp"  # a temporary image is ".<id>.png.rank<R>.tmp"; a crash may leave one, the next run removes it
@@ -54,16 +56,6 @@ def file_sha256(path: Path) -> str | None:
         return None
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes, tmp: Path) -> None:
     """Write `data` to `tmp` (same folder), fsync, then rename over `path`: readers see all or nothing."""
     with open(tmp, "wb") as f:
@@ -71,7 +63,7 @@ def write_atomic(path: Path, data: bytes, tmp: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync(path.parent)
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:

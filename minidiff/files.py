@@ -36,7 +36,8 @@ class DestinationError(ValueError):
     """An output path that cannot be written as asked (exists, is a folder, is inside the source...)."""
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder after a rename into it makes the rename durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -119,7 +120,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     try:
         yield tmp
         os.chmod(tmp, mode)  # after the writer: some (safetensors) replace the file they are given
-        _fsync(tmp)
+        fsync(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -128,7 +129,7 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def _place_new(tmp: Path, path: Path) -> None:
@@ -215,8 +216,8 @@ def _fsync_tree(folder: Path) -> None:
     for root, _, names in os.walk(folder):
         for name in names:
             if not os.path.islink(os.path.join(root, name)):
-                _fsync(Path(root, name))
-        _fsync(Path(root))
+                fsync(Path(root, name))
+        fsync(Path(root))
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -251,7 +252,7 @@ def _swap_in(new: Path, dst: Path) -> None:
             old.rmdir()
             raise
         new = old
-    _fsync(dst.parent)
+    fsync(dst.parent)
     shutil.rmtree(new, ignore_errors=True)  # now the old folder
 
 

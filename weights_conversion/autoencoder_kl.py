@@ -17,7 +17,7 @@ from typing import Any
 from . import ModelFormat
 from .configs import config_from_dict, config_to_dict
 from .rules import Rule, same
-from .unet_2d import attention_rules
+from .unet_2d import attention_rules, resample_rules
 
 # diffusers' constructor defaults where they differ from minidiff's SD dataclass defaults:
 # a key missing from a config.json means diffusers' default, so that is what fills it.
@@ -32,8 +32,7 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
 
 def rules(config: Any = None) -> list[Rule]:
     return [
-        Rule("encoder.down_blocks.{i}.downsamplers.0.conv.", "encoder.down_blocks.{i}.downsample.conv."),
-        Rule("decoder.up_blocks.{i}.upsamplers.0.conv.", "decoder.up_blocks.{i}.upsample.conv."),
+        *resample_rules("encoder.", "decoder."),
         *attention_rules("encoder.mid_block.attentions.0.", "encoder.mid_block.attention."),
         *attention_rules("decoder.mid_block.attentions.0.", "decoder.mid_block.attention."),
         *same(

@@ -75,19 +75,7 @@ SD15_SCHEDULER = {
     "trained_betas": None,
     "clip_sample": False,
 }
-SD21_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-    "prediction_type": "v_prediction",
-}
+SD21_SCHEDULER = {**SD15_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
 
 @dataclass(frozen=True)

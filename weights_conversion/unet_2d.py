@@ -11,7 +11,7 @@ Legacy attention names (diffusers < 0.12, e.g. the google/ddpm-* checkpoints), l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import ModelFormat
@@ -30,17 +30,25 @@ def attention_rules(src: str, dst: str) -> list[Rule]:
     ]
 
 
-def rules(config: Any = None) -> list[Rule]:
+def resample_rules(down: str = "", up: str = "") -> list[Rule]:
+    """The down/up-sampling convs of the `down`-prefixed down blocks and the `up`-prefixed up blocks."""
     return [
-        Rule("down_blocks.{i}.downsamplers.0.conv.", "down_blocks.{i}.downsample.conv."),
-        Rule("up_blocks.{i}.upsamplers.0.conv.", "up_blocks.{i}.upsample.conv."),
-        *attention_rules("down_blocks.{i}.attentions.{j}.", "down_blocks.{i}.attentions.{j}."),
-        *attention_rules("up_blocks.{i}.attentions.{j}.", "up_blocks.{i}.attentions.{j}."),
-        *attention_rules("mid_block.attentions.0.", "mid_block.attention."),
+        Rule(f"{down}down_blocks.{{i}}.downsamplers.0.conv.", f"{down}down_blocks.{{i}}.downsample.conv."),
+        Rule(f"{up}up_blocks.{{i}}.upsamplers.0.conv.", f"{up}up_blocks.{{i}}.upsample.conv."),
+    ]
+
+
+def unet_rules(block_rules: Callable[[str, str], list[Rule]], *embeddings: str) -> list[Rule]:
+    """The UNet layout UNet2DModel and UNet2DConditionModel share: `block_rules` maps one attention block,
+    `embeddings` are the embedding modules kept as they are."""
+    return [
+        *resample_rules(),
+        *block_rules("down_blocks.{i}.attentions.{j}.", "down_blocks.{i}.attentions.{j}."),
+        *block_rules("up_blocks.{i}.attentions.{j}.", "up_blocks.{i}.attentions.{j}."),
+        *block_rules("mid_block.attentions.0.", "mid_block.attention."),
         *same(
             "conv_in.",
-            "time_embedding.",
-            "class_embedding.",
+            *embeddings,
             "down_blocks.{i}.resnets.{j}.",
             "mid_block.resnets.{j}.",
             "up_blocks.{i}.resnets.{j}.",
@@ -48,6 +56,10 @@ def rules(config: Any = None) -> list[Rule]:
             "conv_out.",
         ),
     ]
+
+
+def rules(config: Any = None) -> list[Rule]:
+    return unet_rules(attention_rules, "time_embedding.", "class_embedding.")
 
 
 # diffusers keys UNet2DConfig leaves out: features minidiff does not implement, each accepted only at

@@ -17,7 +17,8 @@ from typing import Any
 
 from . import ModelFormat
 from .configs import config_from_dict, config_to_dict
-from .rules import Rule, same
+from .rules import Rule
+from .unet_2d import unet_rules
 
 # diffusers' constructor defaults where they differ from minidiff's SD1.5 dataclass defaults:
 # a key missing from a config.json means diffusers' default, so that is what fills it.
@@ -67,22 +68,7 @@ def transformer_rules(src: str, dst: str) -> list[Rule]:
 
 
 def rules(config: Any = None) -> list[Rule]:
-    return [
-        Rule("down_blocks.{i}.downsamplers.0.conv.", "down_blocks.{i}.downsample.conv."),
-        Rule("up_blocks.{i}.upsamplers.0.conv.", "up_blocks.{i}.upsample.conv."),
-        *transformer_rules("down_blocks.{i}.attentions.{j}.", "down_blocks.{i}.attentions.{j}."),
-        *transformer_rules("up_blocks.{i}.attentions.{j}.", "up_blocks.{i}.attentions.{j}."),
-        *transformer_rules("mid_block.attentions.0.", "mid_block.attention."),
-        *same(
-            "conv_in.",
-            "time_embedding.",
-            "down_blocks.{i}.resnets.{j}.",
-            "mid_block.resnets.{j}.",
-            "up_blocks.{i}.resnets.{j}.",
-            "conv_norm_out.",
-            "conv_out.",
-        ),
-    ]
+    return unet_rules(transformer_rules, "time_embedding.")
 
 
 def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:
