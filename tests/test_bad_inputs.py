@@ -22,7 +22,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_sd
+from conftest import TINY_UNET_2D, save_tiny_sd
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -512,14 +512,9 @@ def test_nan_from_the_scheduler_or_a_callback_names_it(folders):
 def test_ddpm_pipeline_checks(folders, tmp_path):
     with pytest.raises(TypeError, match="DDPMPipeline runs a pixel-space UNet2DModel, got a UNet2DConditionModel"):
         minidiff.DDPMPipeline.from_pretrained(folders["sd1"])
-    unet = minidiff.UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
+    no_attention = dict(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet = minidiff.UNet2DModel(**TINY_UNET_2D | no_attention | dict(block_out_channels=(8, 16), norm_num_groups=4))
+    unet.eval()
     pipe = minidiff.DDPMPipeline(unet, minidiff.DDPMScheduler(num_train_timesteps=10))
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match="`num_inference_steps` must be >= 1"):

@@ -404,15 +404,8 @@ def normalized(config) -> dict:
 SD_PNDM_JSON = {  # CompVis/stable-diffusion-v1-4's scheduler_config.json
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.7.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
+    **dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, num_train_timesteps=1000),
+    **dict(set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None, clip_sample=False),
 }
 SOURCES = {
     "sd-json": lambda lib: SD_PNDM_JSON,
