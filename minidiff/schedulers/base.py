@@ -428,3 +428,9 @@ class VPSolverScheduler(SigmaScheduler):
             sigmas, ts = respaced
             return sigmas, ts.round() if self.config.use_karras_sigmas else ts, True
         return np.interp(ts, np.arange(len(train)), train), ts, False
+
+    def _set_solver_table(self, ts: np.ndarray, sigmas: np.ndarray, sigma_last: float, device: Any) -> None:
+        """The integer timesteps `ts` and their σ's, `sigma_last` after them; the solver history starts afresh."""
+        self._set_table(ts, np.append(sigmas, sigma_last), device, torch.int64)
+        self.num_inference_steps = len(ts)
+        self._reset_history()

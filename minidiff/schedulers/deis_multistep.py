@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .base import SchedulerOutput, VPSolverScheduler
@@ -69,9 +68,7 @@ class DEISMultistepScheduler(VPSolverScheduler):
         sigmas, ts, respaced = self._solver_sigmas(ts, n)
         # then σ_min; respaced σ's end there already, so their final step has ρ_t = ρ_s and leaves x as it is
         sigma_last = sigmas[-1] if respaced else self.train_sigmas[0]
-        self._set_table(ts, np.append(sigmas, sigma_last), device, torch.int64)
-        self.num_inference_steps = len(ts)
-        self._reset_history()
+        self._set_solver_table(ts, sigmas, sigma_last, device)
 
     def step(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True

@@ -123,9 +123,7 @@ class DPMSolverMultistepScheduler(VPSolverScheduler):
         else:
             sigmas = np.interp(ts, np.arange(len(train)), train)
         sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
-        self._set_table(ts, np.append(sigmas, sigma_last), device, torch.int64)
-        self.num_inference_steps = len(ts)
-        self._reset_history()
+        self._set_solver_table(ts, sigmas, sigma_last, device)
 
     def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂_0, ε̂) from the network output at the current σ, without thresholding."""

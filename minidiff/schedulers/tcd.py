@@ -28,19 +28,19 @@ from .lcm import LCMConfig, LCMScheduler
 from .schedule import vp_x0_eps
 
 
-@dataclass(frozen=True)
-class TCDConfig(LCMConfig):
-    # keys TCD carries from LCM but whose step does not apply them (diffusers ignores them): refused
-    clip_sample: bool = not_implemented(False)
-    thresholding: bool = not_implemented(False)
-
-
 @dataclass
 class TCDSchedulerOutput(BaseOutput):
     """`prev_sample` is x at the next timestep; `pred_noised_sample` the trajectory point x_s."""
 
     prev_sample: torch.Tensor
     pred_noised_sample: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TCDConfig(LCMConfig):
+    # keys TCD carries from LCM but whose step does not apply them (diffusers ignores them): refused
+    clip_sample: bool = not_implemented(False)
+    thresholding: bool = not_implemented(False)
 
 
 class TCDScheduler(LCMScheduler):

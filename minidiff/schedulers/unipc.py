@@ -87,9 +87,7 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         else:
             sigmas = np.interp(ts, np.arange(len(train)), train)
             sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
-        self._set_table(ts, np.append(sigmas, sigma_last), device, torch.int64)
-        self.num_inference_steps = len(ts)
-        self._reset_history()
+        self._set_solver_table(ts, sigmas, sigma_last, device)
 
     def _convert(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The solver's variable at the current σ: x̂_0 (predict_x0) or ε̂."""
