@@ -373,6 +373,17 @@ def summarise_times(row: dict[str, Any], times: dict[str, list[float]]) -> None:
         row["ratio"] = row["median_ms"]["minidiff"] / row["median_ms"]["diffusers"]
 
 
+def flops_and_memory(ctx: Ctx, row: dict[str, Any], fns: dict[str, Callable[[], Any]], modules: dict[str, Any]) -> None:
+    """The row's FLOPs (counted on diffusers' call) and peak memory of each implementation after one warm-up call each,
+    their ratio, then save."""
+    row["flops"] = bench.count_flops(fns["diffusers"])
+    for fn in fns.values():
+        fn()
+    row["memory"] = {impl: peak_memory(ctx.clock, fns[impl], module_bytes(modules[impl])) for impl in IMPLS}
+    memory_ratio(row)
+    ctx.save()
+
+
 def memory_ratio(row: dict[str, Any]) -> None:
     peaks = {impl: row["memory"][impl]["peak_mib"] for impl in IMPLS if impl in row.get("memory", {})}
     if len(peaks) == 2 and None not in peaks.values():
@@ -447,12 +458,7 @@ def sec_unet(ctx: Ctx, dtype: torch.dtype) -> None:
         models = {impl: ctx.load(impl, "unet", dtype) for impl in IMPLS}
         fns = {impl: unet_inputs(ctx, m, dtype) for impl, m in models.items()}
         row["workload"] = f"UNet step, batch 2 (CFG), {z.latent}×{z.latent} latents"
-        row["flops"] = bench.count_flops(fns["diffusers"])
-        for fn in fns.values():
-            fn()
-        row["memory"] = {impl: peak_memory(ctx.clock, fns[impl], module_bytes(models[impl])) for impl in IMPLS}
-        memory_ratio(row)
-        ctx.save()
+        flops_and_memory(ctx, row, fns, models)
         times = interleaved(ctx.clock, fns, z.unet_warmup, z.unet_repeats, ctx.soft_deadline)
     summarise_times(row, times)
     row["tflops"] = {k: row["flops"] / v / 1e9 for k, v in row["median_ms"].items()}
@@ -517,12 +523,7 @@ def sec_vae(ctx: Ctx) -> None:
         latents = torch.randn(1, 4, z.image // f, z.image // f, generator=g).to(ctx.device, torch.float16)
         fns = {impl: (lambda v=v: v.decode(latents).sample) for impl, v in vaes.items()}
         row["workload"] = f"VAE decode {z.image}²"
-        row["flops"] = bench.count_flops(fns["diffusers"])
-        for fn in fns.values():
-            fn()
-        row["memory"] = {impl: peak_memory(ctx.clock, fns[impl], module_bytes(vaes[impl])) for impl in IMPLS}
-        memory_ratio(row)
-        ctx.save()
+        flops_and_memory(ctx, row, fns, vaes)
         times = interleaved(ctx.clock, fns, 2, z.vae_repeats, ctx.soft_deadline)
     summarise_times(row, times)
 

@@ -129,6 +129,11 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
     return vocab, [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
 
 
+def _token_id_property(name: str) -> property:
+    """A read-only `<name>_id` property: the id of the special token held in attribute `name`."""
+    return property(lambda self: self._tokenizer.token_to_id(getattr(self, name)), doc=f"The id of {name}.")
+
+
 class CLIPTokenizer:
     """CLIP's tokenizer: `tok(prompts, padding="max_length", max_length=77, truncation=True,
     return_tensors="pt").input_ids`."""
@@ -289,21 +294,10 @@ class CLIPTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self._tokenizer.get_vocab(with_added_tokens=True)
 
-    @property
-    def bos_token_id(self) -> int:
-        return self._tokenizer.token_to_id(self.bos_token)
-
-    @property
-    def eos_token_id(self) -> int:
-        return self._tokenizer.token_to_id(self.eos_token)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self._tokenizer.token_to_id(self.pad_token)
-
-    @property
-    def unk_token_id(self) -> int:
-        return self._tokenizer.token_to_id(self.unk_token)
+    bos_token_id = _token_id_property("bos_token")
+    eos_token_id = _token_id_property("eos_token")
+    pad_token_id = _token_id_property("pad_token")
+    unk_token_id = _token_id_property("unk_token")
 
     @property
     def all_special_ids(self) -> list[int]:
