@@ -4,11 +4,13 @@ diffusers layout by diffusers and loaded by both libraries through from_pretrain
 
 from __future__ import annotations
 
+import gc
+
 import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import perturb, rel_err, save_tiny_sd, tiny_sd_components
+from conftest import perturb, reference_config, rel_err, save_tiny_sd, tiny_sd_components
 
 import minidiff
 from minidiff.pipelines.latent_consistency import guidance_scale_embedding
@@ -171,3 +173,24 @@ def test_stable_diffusion_with_round_two_schedulers_matches_diffusers(sd_pipes, 
     a = run(theirs, prompt="a red car", num_inference_steps=4, guidance_scale=4.0, **call)
     b = run(ours, prompt="a red car", num_inference_steps=4, guidance_scale=4.0, **call)
     assert np.abs(a - b).max() <= TOL
+
+
+@pytest.mark.slow
+def test_real_size_lcm_unet_matches_diffusers(tmp_path):
+    """An LCM-distilled SD 1.5 UNet (the SD 1.5 config + time_cond_proj_dim 256, as LCM_Dreamshaper_v7 ships it):
+    built by diffusers, every weight perturbed, saved, loaded by minidiff; one guided-embedding step."""
+    torch.manual_seed(0)
+    config = {**reference_config("sd-v1-5.unet"), "time_cond_proj_dim": 256}
+    ref = perturb(diffusers.UNet2DConditionModel.from_config(config).eval(), seed=4)
+    ref.save_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 768, generator=g)
+    cond = guidance_scale_embedding(torch.tensor([7.0]), 256)
+    with torch.no_grad():
+        want = ref(x, torch.tensor([759]), ctx, timestep_cond=cond).sample
+    del ref
+    gc.collect()
+    ours = minidiff.UNet2DConditionModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        got = ours(x, torch.tensor([759]), encoder_hidden_states=ctx, timestep_cond=cond).sample
+    assert rel_err(got, want) <= 1e-4
