@@ -227,6 +227,34 @@ def test_callback_on_step_end_sees_and_changes_latents(folders):
     assert len(seen) == 2 * steps and seen[:steps] == seen[steps:] and seen[0][0] == 0
 
 
+@pytest.mark.parametrize("cls_name", ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"])
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_callback_sees_and_changes_prompt_embeds_as_diffusers(folders, cls_name, guidance_scale):
+    """diffusers hands the callback the embeddings the UNet reads ([negative; positive] with guidance) and
+    uses the ones it returns; a negative half returned on its own is not used."""
+    shapes = {"theirs": [], "ours": []}
+
+    def scale_embeds(pipe, i, t, kwargs):
+        shapes["ours" if type(pipe).__module__.startswith("minidiff") else "theirs"].append(
+            (tuple(kwargs["prompt_embeds"].shape), None if kwargs["negative_prompt_embeds"] is None else 0)
+        )
+        negative = kwargs["negative_prompt_embeds"]
+        out = {"prompt_embeds": kwargs["prompt_embeds"] * 1.5}
+        return out if negative is None else {**out, "negative_prompt_embeds": negative * 100}
+
+    extra = dict(image=init_image(), strength=0.75) if "Img2Img" in cls_name else {}
+    compare(
+        folders["sd1"],
+        cls_name,
+        prompt=["x", "a cat"],
+        guidance_scale=guidance_scale,
+        callback_on_step_end=scale_embeds,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "negative_prompt_embeds"],
+        **extra,
+    )
+    assert shapes["ours"] == shapes["theirs"] and shapes["ours"][0][0][0] == (4 if guidance_scale > 1 else 2)
+
+
 def test_diffusion_pipeline_picks_the_class(folders, tmp_path):
     pipe = minidiff.DiffusionPipeline.from_pretrained(folders["sd2"])
     assert type(pipe) is minidiff.StableDiffusionPipeline

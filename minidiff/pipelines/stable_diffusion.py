@@ -327,14 +327,17 @@ class StableDiffusionPipeline(DiffusionPipeline):
         watch: FiniteWatch | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """callback_on_step_end(pipe, i, t, {name: tensor}) sees the tensors it names and must hand back
-        a dict (diffusers' rule), with new latents and (negative) prompt embeddings for the steps that follow."""
-        negative, prompt = context.chunk(2) if guided else (None, context)
-        tensors = {"latents": latents, "prompt_embeds": prompt, "negative_prompt_embeds": negative}
+        a dict (diffusers' rule), with new latents and prompt embeddings for the steps that follow.
+
+        As in diffusers, `prompt_embeds` is what the UNet reads: with guidance the [negative; positive]
+        batch; `negative_prompt_embeds` is the negative half, for reading (a new one is not used)."""
+        negative = context.chunk(2)[0] if guided else None
+        tensors = {"latents": latents, "prompt_embeds": context, "negative_prompt_embeds": negative}
         out = check_callback_output(callback(self, i, t, {k: tensors[k] for k in names}), tensors, i)
-        latents, prompt, negative = (out.get(k, v) for k, v in tensors.items())
+        latents, context = out.get("latents", latents), out.get("prompt_embeds", context)
         if watch is not None:
             watch.see("callback_on_step_end", latents, i, t)
-        return latents, (torch.cat([negative, prompt]) if guided else prompt)
+        return latents, context
 
     def _decode(self, latents: torch.Tensor, output_type: str, watch: FiniteWatch | None = None) -> Any:
         """The VAE's pixels (or the latents), after `watch` has found no NaN/Inf in the loop or the decode."""
