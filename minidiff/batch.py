@@ -30,7 +30,6 @@ import torch
 
 from .batch_io import (
     RANK_MANIFEST,
-    TMP_SUFFIX,
     BatchError,
     Progress,
     World,
@@ -42,9 +41,9 @@ from .batch_io import (
     read_manifests,
     remove_stale,
     sha256,
-    write_atomic,
     write_merged,
 )
+from .files import TMP_PREFIX, write_bytes
 from .schedulers import SCHEDULERS
 
 __all__ = ["BatchError", "Item", "Summary", "World", "generate_many", "load_items", "read_prompt_file", "resolve_items"]
@@ -259,7 +258,7 @@ def _abort_after(world: World) -> int | None:
 
 def _die_mid_write(outdir: Path, world: World, next_id: str) -> None:
     """The test hook's crash: half a temporary image and a torn manifest line, then no cleanup at all."""
-    (outdir / f".{next_id}.png.rank{world.rank}{TMP_SUFFIX}").write_bytes(b"\x89PNG\r\n\x1a\n half an image")
+    (outdir / f"{TMP_PREFIX}{next_id}.png.rank{world.rank}.tmp").write_bytes(b"\x89PNG\r\n\x1a\n half an image")
     with open(outdir / RANK_MANIFEST.format(world.rank), "a") as f:
         f.write(json.dumps({"id": next_id, "prompt": "torn"})[:20])
     os._exit(17)
@@ -365,7 +364,7 @@ def generate_many(
                 image.save(buf, format="PNG")
                 data = buf.getvalue()
                 path = outdir / f"{it.id}.png"
-                write_atomic(path, data, outdir / f".{path.name}.rank{world.rank}{TMP_SUFFIX}")
+                write_bytes(path, data)
                 record = {"id": it.id, "index": it.index, **it.settings(), **run}
                 record.update(file=path.name, sha256=sha256(data), rank=world.rank, seconds=seconds)
                 append_line(rank_manifest, record)

@@ -29,11 +29,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .files import fsync
+from .files import TMP_PREFIX, write_bytes
 
 MANIFEST = "manifest.jsonl"
 RANK_MANIFEST = "manifest.rank{}.jsonl"
-TMP_SUFFIX = ".tmp"  # a temporary image is ".<id>.png.rank<R>.tmp"; a crash may leave one, the next run removes it
+# files.write_bytes writes an image as ".minidiff-<id>.png.<random>.tmp" first; a crash may leave one, the next run
+# removes it
+STALE_IMAGES = f"{TMP_PREFIX}*.png.*.tmp"
 # the settings every line of a folder must share: a folder holds one model's images, made one way
 RUN_SETTINGS = ("model", "dtype", "device")
 
@@ -54,16 +56,6 @@ def file_sha256(path: Path) -> str | None:
         return sha256(path.read_bytes())
     except OSError:
         return None
-
-
-def write_atomic(path: Path, data: bytes, tmp: Path) -> None:
-    """Write `data` to `tmp` (same folder), fsync, then rename over `path`: readers see all or nothing."""
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync(path.parent)
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
@@ -139,7 +131,7 @@ def check_run_settings(records: list[dict[str, Any]], run: dict[str, Any], outdi
 
 def remove_stale(outdir: Path, *, manifests: bool) -> None:
     """Remove temporary images a killed run left behind (and, to start over, every manifest file)."""
-    for path in outdir.glob(f".*.png.rank*{TMP_SUFFIX}"):
+    for path in outdir.glob(STALE_IMAGES):
         path.unlink(missing_ok=True)
     if manifests:
         for path in manifest_files(outdir):
@@ -149,7 +141,7 @@ def remove_stale(outdir: Path, *, manifests: bool) -> None:
 def write_merged(outdir: Path, records: list[dict[str, Any]]) -> None:
     """Rank 0, at the end: the one manifest, atomically, then the rank files it replaces are removed."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    write_atomic(outdir / MANIFEST, text.encode(), outdir / f".{MANIFEST}{TMP_SUFFIX}")
+    write_bytes(outdir / MANIFEST, text.encode())
     for path in outdir.glob(RANK_MANIFEST.format("*")):
         path.unlink(missing_ok=True)
 
