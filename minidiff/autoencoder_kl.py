@@ -30,8 +30,9 @@ from weights_conversion.autoencoder_kl import FORMAT
 
 from .config import ConfigBase, check_levels, check_supported
 from .layers import AttentionBlock2D, MidBlock, UNetBlock2D
-from .modeling import BaseOutput, ModelMixin
+from .modeling import ModelMixin
 from .noise import randn_tensor  # noise drawn exactly as diffusers draws it
+from .outputs import BaseOutput
 
 
 @dataclass(frozen=True)

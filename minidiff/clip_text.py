@@ -33,7 +33,8 @@ from weights_conversion.clip_text import FORMAT
 
 from .config import ConfigBase
 from .layers import Attention
-from .modeling import BaseOutput, ModelMixin
+from .modeling import ModelMixin
+from .outputs import BaseOutput
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 

@@ -10,7 +10,6 @@ Original LDM single files go through minidiff.ldm_file, which needs only the cla
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, ClassVar
@@ -22,16 +21,6 @@ from weights_conversion import ModelFormat
 
 from . import fast, files, ldm_file
 from .loading import find_weight_files, load_config, read_state_dict
-
-
-class BaseOutput:
-    """Mixin for output dataclasses: `out.sample` and `out[0]` both work, as in diffusers."""
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int | str) -> Any:
-        return getattr(self, index) if isinstance(index, str) else self.to_tuple()[index]
 
 
 class ModelMixin(nn.Module):

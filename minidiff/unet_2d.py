@@ -31,7 +31,8 @@ from .layers import (
     timestep_embedding,
     unet_levels,
 )
-from .modeling import BaseOutput, ModelMixin
+from .modeling import ModelMixin
+from .outputs import BaseOutput
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")

@@ -38,7 +38,8 @@ from .layers import (
     timestep_embedding,
     unet_levels,
 )
-from .modeling import BaseOutput, ModelMixin
+from .modeling import ModelMixin
+from .outputs import BaseOutput
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -25,7 +25,7 @@ from .. import files
 from ..autoencoder_kl import AutoencoderKL
 from ..clip_text import CLIPTextModel
 from ..loading import load_config
-from ..modeling import BaseOutput
+from ..outputs import BaseOutput
 from ..schedulers import SCHEDULERS
 from ..tokenizer import CLIPTokenizer
 from ..unet_2d import UNet2DModel

@@ -60,6 +60,15 @@ def classifier_free_guidance(noise_pred: torch.Tensor, guidance_scale: float) ->
     return uncond + guidance_scale * (cond - uncond)
 
 
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4: scale the
+    guided prediction back to the conditional one's standard deviation (per image), which high guidance
+    inflates, and mix that with the guided prediction by `guidance_rescale` (0 = plain guidance)."""
+    dims = list(range(1, cond.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
 def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> int:
     """How many prompts: one string, a list, or the rows of pre-computed embeddings."""
     if prompt is not None:

@@ -22,7 +22,7 @@ from weights_conversion.configs import DIFFUSERS_VERSION
 from .. import files
 from ..config import FrozenDict
 from ..loading import load_config
-from ..modeling import BaseOutput
+from ..outputs import BaseOutput
 from .config import NoiseScheduleConfig
 from .schedule import (
     beta_sigmas,

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..modeling import BaseOutput
 from ..noise import randn_tensor
+from ..outputs import BaseOutput
 from .base import RNG, Device, DiscreteScheduler, Tensor, Timestep
 from .config import TIMESTEP_SPACINGS, DynamicThresholdingKeys, NoiseScheduleConfig, one_of
 from .schedule import check_custom_timesteps, dynamic_threshold, vp_x0_eps

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..modeling import BaseOutput
 from ..noise import randn_tensor
+from ..outputs import BaseOutput
 from .base import RNG, Tensor, Timestep
 from .config import not_implemented
 from .lcm import LCMConfig, LCMScheduler
