@@ -70,6 +70,9 @@ class DiffusionPipeline:
 
     component_names: ClassVar[tuple[str, ...]] = ()
     optional_components: ClassVar[tuple[str, ...]] = ()
+    # settings kept in model_index.json beside the components (SDXL's force_zeros_for_empty_prompt):
+    # from_pretrained passes them to __init__, save_pretrained writes back the pipeline's attributes
+    config_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -127,6 +130,11 @@ class DiffusionPipeline:
             if isinstance(component_cls, type) and issubclass(component_cls, torch.nn.Module):
                 kwargs.update(torch_dtype=torch_dtype, variant=variant)
             components[name] = component_cls.from_pretrained(path, **kwargs)
+        for name in pipeline_cls.config_names:
+            if name in overrides:
+                components[name] = overrides.pop(name)
+            elif name in index:
+                components[name] = index[name]
         if overrides:
             unknown = sorted(k for k in overrides if k not in OPTIONAL_COMPONENTS)
             if unknown:
@@ -150,6 +158,8 @@ class DiffusionPipeline:
                 component.save_pretrained(out / name)
             for name in OPTIONAL_COMPONENTS:
                 index.setdefault(name, [None, None])
+            for name in self.config_names:
+                index[name] = getattr(self, name)
             files.write_text(out / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # -- devices, dtypes, progress ---------------------------------------------------------------
