@@ -3,41 +3,40 @@
 minidiff generate "a red circle on a white background" --output circle.png
 minidiff generate --prompts prompts.jsonl --outdir out/ --batch-size 4
 torchrun --nproc-per-node 2 -m minidiff generate --prompts prompts.jsonl --outdir out/
+
+This module has the parser, `ddpm`, `convert` and the error handling of main; `generate` and the
+checks every command shares are in cli_generate.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
 import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from weights_conversion import ConversionError
 
-from . import DEFAULT_MODEL, files
-from .batch import SCHEDULER_ALIASES, BatchError, World, dtype_name, generate_many, load_items, preflight
+from . import files
+from .batch import SCHEDULER_ALIASES, BatchError
+from .cli_generate import (
+    CLIError,
+    add_generate_parser,
+    check_model,
+    check_numbers,
+    check_output,
+    parse_dtype,
+    pick_scheduler,
+    save_images,
+)
 from .files import DestinationError
-from .loading import CheckpointError, load_config
+from .loading import CheckpointError
 from .pipelines import DDPMPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from .schedulers.names import NAMES_HELP, scheduler_from_name, scheduler_options
 from .single_file import load_folder_models, load_pipeline, save_single_file, to_ldm_state_dict
 
 __all__ = ["SCHEDULER_ALIASES", "CLIError", "build_parser", "main"]
-
-MAX_SEED = 2**63  # seeds are in [0, 2**63), as in a prompt file
-
-
-class CLIError(SystemExit):
-    """One line for the user; exit status 2 for a bad argument, 1 for a failure (main prints it)."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,222 +44,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _parse_dtype(name: str) -> torch.dtype:
-    dtypes = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-    }
-    if name not in dtypes:
-        raise CLIError(f"minidiff: unknown --dtype {name!r} (choose from {', '.join(dtypes)})")
-    return dtypes[name]
-
-
-def _image_paths(output: str, count: int) -> list[Path]:
-    out = Path(output)
-    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
-
-
-def _check_output(cmd: str, output: str, count: int) -> None:
-    """Before any model loads: an image file name PIL can write, in a folder that can be written."""
-    try:
-        for path in _image_paths(output, count):
-            if path.is_dir():
-                raise DestinationError(f"{path} is a folder; --output names the image file")
-        files.image_format(output)
-        files.check_writable_folder(Path(output).parent)
-    except DestinationError as e:
-        raise CLIError(f"minidiff {cmd}: --output {e}") from None
-
-
-def _save_images(images, output: str) -> list[Path]:
-    """Each image written atomically (an existing file is replaced only by the complete new image)."""
-    paths = _image_paths(output, len(images))
-    for image, path in zip(images, paths):
-        files.save_image(image, path)
-    return paths
-
-
-def _check_numbers(cmd: str, args: argparse.Namespace) -> None:
-    """The numeric options, before anything loads."""
-    if not 0 <= args.seed < MAX_SEED:
-        raise CLIError(f"minidiff {cmd}: --seed must be in [0, 2**63), got {args.seed}")
-    for name in ("steps", "num_images", "threads", "batch_size"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise CLIError(f"minidiff {cmd}: --{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("height", "width"):
-        value = getattr(args, name, None)
-        if value is not None and (value < 8 or value % 8):
-            raise CLIError(f"minidiff {cmd}: --{name} must be a positive multiple of 8, got {value}")
-    guidance = getattr(args, "guidance", None)
-    if guidance is not None and not math.isfinite(guidance):
-        raise CLIError(f"minidiff {cmd}: --guidance must be a finite number, got {guidance}")
-    try:
-        torch.device(args.device)
-    except RuntimeError as e:
-        raise CLIError(f"minidiff {cmd}: --device {args.device!r}: {e}") from None
-    _parse_dtype(args.dtype)
-    if args.scheduler:
-        _scheduler(args.scheduler)
-
-
-def _check_model(cmd: str, model: str, unet_class: str, local_files_only: bool) -> None:
-    """Read model_index.json first: a missing folder, or a DDPM folder given to `generate` (an SD
-    folder to `ddpm`), is a one-line error before any weight loads."""
-    try:
-        index = load_config(model, None, "model_index.json", local_files_only)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise CLIError(f"minidiff {cmd}: {e}") from None
-    unet = index.get("unet")
-    found = unet[1] if isinstance(unet, list) and len(unet) == 2 else None
-    if found != unet_class:
-        other = "minidiff ddpm MODEL" if found == "UNet2DModel" else "minidiff generate --model MODEL"
-        raise CLIError(
-            f"minidiff {cmd}: {model} is a {index.get('_class_name')} folder (its unet is a {found}); "
-            f"`minidiff {cmd}` needs a {unet_class}" + (f" (try `{other}`)" if found else "")
-        )
-
-
-def _scheduler(name: str, config: dict | None = None) -> object:
-    """--scheduler: a short name, a class name or a sampler name ("DPM++ 2M Karras"): its (class name, options), or
-    with a config, that scheduler built on it (from_config)."""
-    try:
-        name = SCHEDULER_ALIASES.get(name.lower(), name)
-        return scheduler_options(name) if config is None else scheduler_from_name(name, config)
-    except ValueError as e:
-        message = str(e).replace("scheduler name", "--scheduler", 1)  # "unknown --scheduler 'x'; choose ..."
-        raise CLIError(f"minidiff: {message}; or a short name ({', '.join(SCHEDULER_ALIASES)})") from None
-
-
-def _set_threads(threads: int | None, ranks_here: int) -> None:
-    """--threads (default: this machine's cores) shared by the ranks on this machine, so they do not oversubscribe."""
-    if threads is None and ranks_here == 1:
-        return  # torch's own default
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, (threads or cores) // ranks_here))
-
-
-def _model_name(model: str) -> str:
-    """A local folder by its absolute path (the same from any working directory), a Hub id as given."""
-    return str(Path(model).resolve()) if Path(model).is_dir() else model
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    if args.prompts is not None:
-        return cmd_generate_many(args)
-    if args.prompt is None:
-        raise CLIError("minidiff generate: give a PROMPT, or --prompts FILE for many images")
-    if args.outdir is not None or args.batch_size is not None:
-        raise CLIError("minidiff generate: --outdir and --batch-size go with --prompts FILE")
-    _check_numbers("generate", args)
-    output = args.output or "minidiff.png"
-    _check_output("generate", output, args.num_images)
-    model = args.model or DEFAULT_MODEL  # the bundled toy model: offline, 64x64, shapes
-    local_only = args.local_files_only or model == DEFAULT_MODEL
-    _check_model("generate", model, "UNet2DConditionModel", local_only)
-    _set_threads(args.threads, 1)
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=local_only)
-    if args.scheduler:
-        pipe.scheduler = _scheduler(args.scheduler, pipe.scheduler.config)
-    pipe.to(args.device, _parse_dtype(args.dtype))
-    # a CPU generator: the same seed gives the same image as the Python API (and as diffusers)
-    generator = torch.Generator().manual_seed(args.seed)
-    images = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=generator,
-    ).images
-    for path in _save_images(images, output):
-        print(path)
-    return 0
-
-
-def cmd_generate_many(args: argparse.Namespace) -> int:
-    """--prompts FILE --outdir DIR: every check that needs no model, then this rank's share of the items."""
-    if args.prompt is not None:
-        raise CLIError("minidiff generate: give a PROMPT or --prompts FILE, not both")
-    if args.outdir is None:
-        raise CLIError("minidiff generate: --prompts needs --outdir DIR (the images and manifest.jsonl go there)")
-    if args.output is not None or args.num_images != 1:
-        raise CLIError(
-            "minidiff generate: --output and --num-images are for one prompt; --prompts writes into --outdir"
-        )
-    _check_numbers("generate", args)
-    dtype = _parse_dtype(args.dtype)
-    scheduler, options = _scheduler(args.scheduler) if args.scheduler else (None, {})
-    if options:  # a prompt file's "scheduler" names a class
-        raise CLIError(
-            f"minidiff generate: with --prompts, --scheduler is a short or class name, not {args.scheduler!r}"
-        )
-    model = args.model or DEFAULT_MODEL
-    device = torch.device(args.device)
-    run = {
-        # the bundled model by name, so that a folder's manifest does not depend on where minidiff is installed
-        "model": "minidiff.DEFAULT_MODEL" if model == DEFAULT_MODEL else _model_name(model),
-        "dtype": dtype_name(dtype),
-        "device": device.type,
-    }
-    defaults = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance)
-    try:
-        items = load_items(
-            args.prompts, seed=args.seed, height=args.height, width=args.width, scheduler=scheduler, **defaults
-        )
-        preflight(args.outdir, items, run, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
-    except BatchError as e:
-        raise CLIError(f"minidiff generate: {e}") from None
-    _check_model("generate", model, "UNet2DConditionModel", args.local_files_only or model == DEFAULT_MODEL)
-
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
-        torch.cuda.set_device(device)
-    started = not dist.is_initialized()
-    world = World.init(device.type)  # torchrun's process group, or the world of one
-    _set_threads(args.threads, world.local_size)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, local_files_only=args.local_files_only or model == DEFAULT_MODEL
-    )
-    pipe.to(device, dtype)
-    try:
-        summary = generate_many(
-            pipe,
-            items,
-            args.outdir,
-            batch_size=args.batch_size or 1,
-            resume=args.resume,
-            model=run["model"],
-            world=world,
-            verbose=args.verbose,
-        )
-    except BatchError as e:
-        raise CLIError(f"minidiff generate: {e}", code=1) from None
-    finally:
-        if started and world.distributed:
-            dist.destroy_process_group()
-    if world.rank == 0:
-        print(summary)
-    return 0
-
-
 def cmd_ddpm(args: argparse.Namespace) -> int:
-    _check_numbers("ddpm", args)
-    _check_output("ddpm", args.output, args.num_images)
-    _check_model("ddpm", args.model, "UNet2DModel", args.local_files_only)
+    check_numbers("ddpm", args)
+    check_output("ddpm", args.output, args.num_images)
+    check_model("ddpm", args.model, "UNet2DModel", args.local_files_only)
     pipe = DDPMPipeline.from_pretrained(args.model, local_files_only=args.local_files_only)
     if args.scheduler:
-        pipe.scheduler = _scheduler(args.scheduler, pipe.scheduler.config)
-    pipe.to(args.device, _parse_dtype(args.dtype))
+        pipe.scheduler = pick_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.to(args.device, parse_dtype(args.dtype))
     generator = torch.Generator().manual_seed(args.seed)
     images = pipe(batch_size=args.num_images, generator=generator, num_inference_steps=args.steps).images
-    for path in _save_images(images, args.output):
+    for path in save_images(images, args.output):
         print(path)
     return 0
 
@@ -313,49 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
 
-    p = sub.add_parser(
-        "generate",
-        parents=[common],
-        help="text to image with a Stable Diffusion pipeline folder or Hub id",
-        epilog="Short names: " + ", ".join(f"{k} ({v})" for k, v in SCHEDULER_ALIASES.items()) + ". " + NAMES_HELP,
-    )
-    p.add_argument("prompt", nargs="?", help="the text (or --prompts FILE for many images)")
-    p.add_argument(
-        "--model", help="pipeline folder or Hub id (default: the bundled shapes model, minidiff.DEFAULT_MODEL)"
-    )
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
-    p.add_argument("--scheduler", help=scheduler_help)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
-    p.add_argument("--local-files-only", action="store_true", help="never contact the Hub")
-    p.add_argument(
-        "--output", default=None, help="PNG path (default minidiff.png); several images get -0, -1, ... suffixes"
-    )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads, shared by the ranks on this machine")
-    many = p.add_argument_group(
-        "many images",
-        "FILE: one prompt a line, or JSONL with per-item prompt, negative_prompt, seed, steps, guidance, height, "
-        "width, scheduler, id (the options above are the defaults; an item's seed defaults to --seed + its index). "
-        "Under torchrun every rank takes its share of the items.",
-    )
-    many.add_argument("--prompts", metavar="FILE", help="make one image per line of FILE, into --outdir")
-    many.add_argument("--outdir", metavar="DIR", help="DIR/<id>.png and DIR/manifest.jsonl")
-    many.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default 1)")
-    many.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep the images DIR's manifest vouches for (default when DIR has a manifest); "
-        "--no-resume regenerates every item and starts a new manifest",
-    )
-    many.add_argument("--verbose", action="store_true", help="a line per image from every rank instead of the bar")
-    p.set_defaults(func=cmd_generate)
+    add_generate_parser(sub, common, scheduler_help)
 
     p = sub.add_parser(
         "ddpm", parents=[common], help="unconditional images from a DDPM UNet2DModel pipeline folder or Hub id"
