@@ -145,19 +145,51 @@ def check_clip_skip(clip_skip: Any, text_encoder: Any) -> None:
         raise ValueError(f"`clip_skip` is {clip_skip}, but the text encoder has {depth} layers: skip 0 to {depth - 1}")
 
 
+def callback_inputs(callback: Any, names: list[str]) -> list[str]:
+    """The tensors a callback sees: a diffusers PipelineCallback (SDCFGCutoffCallback, MultiPipelineCallbacks)
+    names its own in `tensor_inputs`, which replace `callback_on_step_end_tensor_inputs` as in diffusers."""
+    own = getattr(callback, "tensor_inputs", None)
+    return list(own) if isinstance(own, (list, tuple)) else names
+
+
 def check_callback_output(out: Any, tensors: dict[str, torch.Tensor | None], step: int) -> dict[str, Any]:
-    """callback_on_step_end must return a dict (diffusers' rule), its tensors shaped as the ones it replaces."""
+    """callback_on_step_end must return a dict (diffusers' rule), its tensors shaped as the ones they replace,
+    except that a guidance batch (2n rows) may be cut to its conditional half (n), as SDCFGCutoffCallback does."""
     if not isinstance(out, dict):
         raise TypeError(
             f"`callback_on_step_end` must return a dict (e.g. the callback_kwargs it was given), "
             f"got {type(out).__name__} at step {step}"
         )
     for k, v in tensors.items():
-        if k in out and (not isinstance(out[k], torch.Tensor) or (v is not None and out[k].shape != v.shape)):
-            got = tuple(out[k].shape) if isinstance(out[k], torch.Tensor) else type(out[k]).__name__
-            expected = tuple(v.shape) if v is not None else None
-            raise ValueError(f"`callback_on_step_end` returned {k} {got} at step {step}, expected shape {expected}")
+        if k not in out:
+            continue
+        new = out[k]
+        if new is v or (isinstance(new, torch.Tensor) and (v is None or new.shape == v.shape)):
+            continue
+        if isinstance(new, torch.Tensor) and new.shape[1:] == v.shape[1:] and 2 * len(new) == len(v):
+            continue
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        expected = tuple(v.shape) if v is not None else None
+        raise ValueError(f"`callback_on_step_end` returned {k} {got} at step {step}, expected shape {expected}")
     return out
+
+
+def check_cross_attention_kwargs(kwargs: Any) -> None:
+    """None or a dict; its "scale" (the LoRA scale) a finite number. minidiff has no attention processors,
+    so any other key is ignored with a warning, as diffusers' default processor does."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"`cross_attention_kwargs` must be a dict or None, got {type(kwargs).__name__}")
+    if "scale" in kwargs:
+        check_real('cross_attention_kwargs["scale"]', kwargs["scale"])
+    ignored = sorted(k for k in kwargs if k != "scale")
+    if ignored:
+        warnings.warn(
+            f"cross_attention_kwargs {ignored} are not expected by minidiff's attention and are ignored",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_generator(generator: Any) -> None:

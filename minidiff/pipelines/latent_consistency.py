@@ -16,25 +16,14 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .base import ImagePipelineOutput
-from .checks import FiniteWatch, check_callback_output
+from .calling import guidance_scale_embedding
+from .checks import FiniteWatch, callback_inputs
 from .stable_diffusion import Generator, StableDiffusionPipeline
-
-
-def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """(B,) -> (B, dim): [sin, cos] of 1000 w at the frequencies 10000^(-i / (dim/2 - 1)).
-
-    layers.timestep_embedding(1000 w, dim, freq_shift=1) with the frequencies computed in diffusers'
-    order (log 10000 / (half - 1) first), so that float32 rounds them the same way.
-    """
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    args = (w.float() * 1000.0)[:, None] * freqs[None, :]
-    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=1), (0, dim % 2))
 
 
 class LatentConsistencyModelPipeline(StableDiffusionPipeline):
@@ -58,6 +47,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' default, never mutated)
@@ -65,6 +55,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     ) -> ImagePipelineOutput | tuple:
         """`original_inference_steps`: the distillation schedule the steps are picked from (the scheduler's
         config by default); `timesteps`: custom ones instead of `num_inference_steps`."""
+        callback_on_step_end_tensor_inputs = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         height, width = self._default_size(height, width)
         self.check_inputs(
             prompt,
@@ -85,20 +76,18 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
                 "LatentConsistencyModelPipeline needs an LCM-distilled UNet (one with time_cond_proj_dim, for the "
                 "guidance-scale embedding); for an LCM-LoRA use StableDiffusionPipeline with LCMScheduler"
             )
+        self._begin_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         device, watch = self.device, FiniteWatch(strict)
 
         # 1. text -> CLIP embeddings, one row per image (no unconditional pass: the UNet embeds the guidance)
-        prompt_embeds, _ = self.encode_prompt(prompt, device, num_images_per_prompt, False, None, prompt_embeds)
+        prompt_embeds, _ = self.encode_prompt(
+            prompt, device, num_images_per_prompt, False, None, prompt_embeds, lora_scale=self._lora_scale
+        )
         watch.see("text_encoder", prompt_embeds)
         # 2. the timesteps (picked from the distillation schedule), then pure noise
-        if timesteps is not None:
-            self.scheduler.set_timesteps(
-                timesteps=timesteps, device=device, original_inference_steps=original_inference_steps
-            )
-            num_inference_steps = len(self.scheduler.timesteps)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device, original_inference_steps=original_inference_steps)
-        timesteps = self.scheduler.timesteps
+        timesteps, num_inference_steps = self._set_timesteps(
+            num_inference_steps, device, timesteps, original_inference_steps=original_inference_steps
+        )
         n = len(prompt_embeds)
         latents = self._prepare_noise(n, height, width, prompt_embeds.dtype, generator, latents)
         latents = latents * self.scheduler.init_noise_sigma
@@ -114,10 +103,18 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
             latents, denoised = self.scheduler.step(model_pred, t, latents, generator=generator, return_dict=False)
             watch.see("scheduler.step", latents, i, t)
             if callback_on_step_end is not None:
-                tensors = dict(latents=latents, denoised=denoised, prompt_embeds=prompt_embeds, w_embedding=w_embedding)
-                asked = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
-                out = check_callback_output(callback_on_step_end(self, i, t, asked), tensors, i)
-                latents, denoised, prompt_embeds, w_embedding = (out.get(k, v) for k, v in tensors.items())
+                out = self._step_end(
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    i,
+                    t,
+                    watch,
+                    latents=latents,
+                    denoised=denoised,
+                    prompt_embeds=prompt_embeds,
+                    w_embedding=w_embedding,
+                )
+                latents, denoised, prompt_embeds, w_embedding = out.values()
         # 5. the last x̂_0 -> pixels
         images = self._decode(denoised.to(prompt_embeds.dtype), output_type, watch)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)

@@ -17,18 +17,18 @@ image.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..noise import randn_tensor
-from ..schedulers import STOCHASTIC_SCHEDULERS, DDIMScheduler, TCDScheduler
 from ..single_file import load_pipeline
 from .base import DiffusionPipeline, ImagePipelineOutput
+from .calling import CallState, Generator, scheduler_step_kwargs
 from .checks import (
     FiniteWatch,
-    check_callback_output,
+    callback_inputs,
     check_clip_skip,
     check_finite,
     check_generator,
@@ -39,19 +39,9 @@ from .checks import (
     check_weights,
 )
 from .image_processing import postprocess_image
+from .loaders import LoraLoaderMixin, TextualInversionLoaderMixin
 
 logger = logging.getLogger(__name__)
-
-Generator = torch.Generator | list[torch.Generator] | None
-
-
-def scheduler_step_kwargs(scheduler: Any, eta: float, generator: Generator) -> dict[str, Any]:
-    """What `scheduler.step` takes besides (noise_pred, t, latents): the generator of the schedulers that draw
-    noise, and `eta` for DDIM (0 = deterministic DDIM, 1 = DDPM-like) and TCD (the paper's γ), as diffusers gives."""
-    kwargs: dict[str, Any] = {"generator": generator} if isinstance(scheduler, STOCHASTIC_SCHEDULERS) else {}
-    if isinstance(scheduler, (DDIMScheduler, TCDScheduler)):
-        kwargs["eta"] = eta
-    return kwargs
 
 
 def classifier_free_guidance(noise_pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -76,7 +66,7 @@ def _batch_size(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | No
     return prompt_embeds.shape[0]
 
 
-class StableDiffusionPipeline(DiffusionPipeline):
+class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, TextualInversionLoaderMixin):
     """Text-to-image generation with Stable Diffusion 1.x / 2.x."""
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -124,6 +114,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def _guide(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance at the call's scale, then guidance_rescale's correction when it is > 0."""
+        guided = classifier_free_guidance(noise_pred, self.guidance_scale)
+        if self.guidance_rescale > 0:
+            guided = rescale_guidance(guided, noise_pred.chunk(2)[1], self.guidance_rescale)
+        return guided
+
     @torch.no_grad()
     def __call__(
         self,
@@ -131,6 +128,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -141,12 +140,16 @@ class StableDiffusionPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' default, never mutated)
         strict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        """`strict=False` warns instead of raising when the latents or the image turn NaN/Inf."""
+        """diffusers' arguments (no IP-Adapter); `strict=False` warns instead of raising when the latents or
+        the image turn NaN/Inf."""
+        callback_on_step_end_tensor_inputs = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         height, width = self._default_size(height, width)
         self.check_inputs(
             prompt,
@@ -161,40 +164,57 @@ class StableDiffusionPipeline(DiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
         )
         self.check_settings(num_inference_steps, guidance_scale, num_images_per_prompt, eta, clip_skip, generator)
-        device, guided, watch = self.device, guidance_scale > 1.0, FiniteWatch(strict)
+        self._begin_call(guidance_scale, guidance_rescale, clip_skip, cross_attention_kwargs)
+        device, watch = self.device, FiniteWatch(strict)
 
         # 1. text -> CLIP embeddings, one row per image; with guidance also the negative (or empty) prompt's
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt,
             device,
             num_images_per_prompt,
-            guided,
+            self.do_classifier_free_guidance,
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
-            clip_skip,
+            lora_scale=self._lora_scale,
+            clip_skip=clip_skip,
         )
-        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
-        watch.see("text_encoder", context)
-        # 2. the timesteps, then pure noise at the level of the first one
-        timesteps = self._set_timesteps(num_inference_steps, device)
-        latents = self._prepare_noise(len(prompt_embeds), height, width, prompt_embeds.dtype, generator, latents)
+        n = len(prompt_embeds)
+        if self.do_classifier_free_guidance:  # [unconditional; conditional]: both halves in one UNet batch
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        watch.see("text_encoder", prompt_embeds)
+        # 2. the timesteps (or custom ones), then pure noise at the level of the first one
+        timesteps, num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        latents = self._prepare_noise(n, height, width, prompt_embeds.dtype, generator, latents)
         latents = latents * self.scheduler.init_noise_sigma
+        timestep_cond = self._guidance_embedding(n, latents.dtype)  # only for an LCM-distilled UNet
         # 3. the denoising loop
         step_kwargs = scheduler_step_kwargs(self.scheduler, eta, generator)
         for i, t in self._progress(timesteps, num_inference_steps):
+            if self.interrupt:  # a callback set pipe._interrupt: skip the remaining steps, as diffusers does
+                continue
+            guided = self.do_classifier_free_guidance  # a callback may switch it off (SDCFGCutoffCallback)
             model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
+            noise_pred = noise_pred.sample
             if guided:
-                noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+                noise_pred = self._guide(noise_pred)
             watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             watch.see("scheduler.step", latents, i, t)
             if callback_on_step_end is not None:
-                latents, context = self._step_end(
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided, watch
+                out = self._step_end(
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    i,
+                    t,
+                    watch,
+                    latents=latents,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
                 )
+                latents, prompt_embeds, negative_prompt_embeds = out.values()
         # 4. latents -> pixels, once no NaN/Inf is found
         images = self._decode(latents, output_type, watch)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
@@ -229,9 +249,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
         clip_skip: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B * num_images_per_prompt, 77, D) conditional and (if guided) unconditional embeddings."""
+        """(B * num_images_per_prompt, 77, D) conditional and (if guided) unconditional embeddings;
+        `lora_scale` scales the text encoder's LoRA adapters while it runs (diffusers' argument order)."""
         batch = _batch_size(prompt, prompt_embeds)
         if prompt_embeds is None:
             prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip)
@@ -262,16 +284,16 @@ class StableDiffusionPipeline(DiffusionPipeline):
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
 
-    def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> torch.Tensor:
-        num_inference_steps = check_int("num_inference_steps", num_inference_steps)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        return self.scheduler.timesteps
-
     def _strength_timesteps(
-        self, num_inference_steps: int, strength: float, device: torch.device
+        self,
+        num_inference_steps: int,
+        strength: float,
+        device: torch.device,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """The tail of the schedule that `strength` keeps (1 = all steps, 0.3 = the last 30%), and its step count."""
-        timesteps = self._set_timesteps(num_inference_steps, device)
+        timesteps, num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
         steps = min(int(num_inference_steps * strength), num_inference_steps)
         if steps < 1:
             raise ValueError(
@@ -312,41 +334,6 @@ class StableDiffusionPipeline(DiffusionPipeline):
         else:
             latents = self.vae.encode(image).latent_dist.sample(generator)
         return self.vae.config.scaling_factor * latents
-
-    def _progress(self, timesteps: torch.Tensor, num_steps: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """enumerate(timesteps) under a progress bar of `num_steps` denoising steps (Heun, of order 2,
-        visits two timesteps per step)."""
-        order = self.scheduler.order
-        warmup = len(timesteps) - num_steps * order
-        with self.progress_bar(total=num_steps) as bar:
-            for i, t in enumerate(timesteps):
-                yield i, t
-                if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
-                    bar.update()
-
-    def _step_end(
-        self,
-        callback: Callable,
-        names: list[str],
-        i: int,
-        t: torch.Tensor,
-        latents: torch.Tensor,
-        context: torch.Tensor,
-        guided: bool,
-        watch: FiniteWatch | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """callback_on_step_end(pipe, i, t, {name: tensor}) sees the tensors it names and must hand back
-        a dict (diffusers' rule), with new latents and prompt embeddings for the steps that follow.
-
-        As in diffusers, `prompt_embeds` is what the UNet reads: with guidance the [negative; positive]
-        batch; `negative_prompt_embeds` is the negative half, for reading (a new one is not used)."""
-        negative = context.chunk(2)[0] if guided else None
-        tensors = {"latents": latents, "prompt_embeds": context, "negative_prompt_embeds": negative}
-        out = check_callback_output(callback(self, i, t, {k: tensors[k] for k in names}), tensors, i)
-        latents, context = out.get("latents", latents), out.get("prompt_embeds", context)
-        if watch is not None:
-            watch.see("callback_on_step_end", latents, i, t)
-        return latents, context
 
     def _decode(self, latents: torch.Tensor, output_type: str, watch: FiniteWatch | None = None) -> Any:
         """The VAE's pixels (or the latents), after `watch` has found no NaN/Inf in the loop or the decode."""

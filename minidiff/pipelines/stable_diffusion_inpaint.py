@@ -10,18 +10,21 @@ only the hole is generated.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .base import ImagePipelineOutput
-from .checks import FiniteWatch
+from .checks import FiniteWatch, callback_inputs
 from .image_processing import ImageInput, preprocess_image
 from .stable_diffusion import Generator, StableDiffusionPipeline, classifier_free_guidance, scheduler_step_kwargs
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     """Inpainting: regenerate where `mask_image` is white, keep the rest."""
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"]
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -33,6 +36,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         width: int | None = None,
         strength: float = 1.0,
         num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -43,12 +48,15 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
         strict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        """`strict=False` warns instead of raising when the latents or the image turn NaN/Inf."""
+        """diffusers' arguments (no IP-Adapter, masked_image_latents or padding_mask_crop); `strict=False`
+        warns instead of raising when the latents or the image turn NaN/Inf."""
+        callback_on_step_end_tensor_inputs = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         height, width = self._default_size(height, width)
         self.check_inputs(
             prompt,
@@ -64,8 +72,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             callback_on_step_end=callback_on_step_end,
         )
         self.check_settings(num_inference_steps, guidance_scale, num_images_per_prompt, eta, clip_skip, generator)
+        self._begin_call(guidance_scale, 0.0, clip_skip, cross_attention_kwargs)
         image, mask_image = self._inpaint_inputs(image, mask_image, height, width)  # tensors, checked
-        device, guided, watch = self.device, guidance_scale > 1.0, FiniteWatch(strict)
+        device, watch = self.device, FiniteWatch(strict)
         plain_unet = self.unet.config.in_channels == self.vae.config.latent_channels
 
         # 1. text -> CLIP embeddings, as in text-to-image
@@ -73,47 +82,64 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             prompt,
             device,
             num_images_per_prompt,
-            guided,
+            self.do_classifier_free_guidance,
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
-            clip_skip,
+            lora_scale=self._lora_scale,
+            clip_skip=clip_skip,
         )
-        context = torch.cat([negative_prompt_embeds, prompt_embeds]) if guided else prompt_embeds
-        watch.see("text_encoder", context)
-        # 2. the last `strength` of the timesteps; noise (or the noised image below strength 1); the mask
-        timesteps, num_steps = self._strength_timesteps(num_inference_steps, strength, device)
         n = len(prompt_embeds)
+        if self.do_classifier_free_guidance:  # [unconditional; conditional]: both halves in one UNet batch
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        watch.see("text_encoder", prompt_embeds)
+        # 2. the last `strength` of the timesteps; noise (or the noised image below strength 1); the mask
+        timesteps, num_steps = self._strength_timesteps(num_inference_steps, strength, device, timesteps, sigmas)
         image = image.to(device=device, dtype=prompt_embeds.dtype)
         latents, noise, image_latents = self._start_latents(image, timesteps[:1], n, generator, latents, strength)
         mask, masked_image_latents = self._mask_latents(mask_image, image, n, generator)
         watch.see("vae.encode", latents if image_latents is None else image_latents)
         watch.see("vae.encode", masked_image_latents)
-        if not plain_unet:  # the inpainting UNet's extra input channels, for both halves of the guidance batch
-            mask_input = torch.cat([mask, masked_image_latents], dim=1)
-            mask_input = torch.cat([mask_input] * 2) if guided else mask_input
+        if self.do_classifier_free_guidance:  # the inpainting UNet's extra inputs, for both halves (as diffusers)
+            mask, masked_image_latents = torch.cat([mask] * 2), torch.cat([masked_image_latents] * 2)
+        timestep_cond = self._guidance_embedding(n, latents.dtype)  # only for an LCM-distilled UNet
         # 3. the denoising loop
         step_kwargs = scheduler_step_kwargs(self.scheduler, eta, generator)
         for i, t in self._progress(timesteps, num_steps):
+            if self.interrupt:  # a callback set pipe._interrupt: skip the remaining steps, as diffusers does
+                continue
+            guided = self.do_classifier_free_guidance  # a callback may switch it off (SDCFGCutoffCallback)
             model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
             model_input = self.scheduler.scale_model_input(model_input, t)
             if not plain_unet:
-                model_input = torch.cat([model_input, mask_input], dim=1)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=context).sample
+                model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
+            noise_pred = noise_pred.sample
             if guided:
-                noise_pred = classifier_free_guidance(noise_pred, guidance_scale)
+                noise_pred = classifier_free_guidance(noise_pred, self.guidance_scale)
             watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if plain_unet:  # outside the mask: the image, noised to the next step's level (clean after the last)
                 known = image_latents
                 if i + 1 < len(timesteps):
                     known = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1 : i + 2])
-                latents = (1 - mask) * known + mask * latents
+                known_mask = mask.chunk(2)[0] if guided else mask
+                latents = (1 - known_mask) * known + known_mask * latents
             watch.see("scheduler.step", latents, i, t)
             if callback_on_step_end is not None:
-                latents, context = self._step_end(
-                    callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, context, guided, watch
+                out = self._step_end(
+                    callback_on_step_end,
+                    callback_on_step_end_tensor_inputs,
+                    i,
+                    t,
+                    watch,
+                    latents=latents,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    mask=mask,
+                    masked_image_latents=masked_image_latents,
                 )
+                latents, prompt_embeds, negative_prompt_embeds, mask, masked_image_latents = out.values()
         # 4. latents -> pixels, once no NaN/Inf is found
         images = self._decode(latents, output_type, watch)
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
