@@ -3,7 +3,7 @@
 from pathlib import Path as _Path
 
 from .autoencoder_kl import AutoencoderKL
-from .clip_text import CLIPTextModel
+from .clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from .pipelines import (
     DDPMPipeline,
     DiffusionPipeline,
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoencoderKL",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
     "CLIPTokenizer",
     "DDIMScheduler",
     "DDPMPipeline",

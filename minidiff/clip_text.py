@@ -1,4 +1,6 @@
-"""CLIPTextModel: the text encoder of Stable Diffusion (CLIP ViT-L/14 for SD1, OpenCLIP ViT-H for SD2).
+"""CLIPTextModel: the text encoder of Stable Diffusion (CLIP ViT-L/14 for SD1, OpenCLIP ViT-H for SD2);
+CLIPTextModelWithProjection: SDXL's second text encoder (OpenCLIP ViT-bigG/14), which also projects
+the pooled state.
 
 References:
 1. Radford et al. "Learning Transferable Visual Models From Natural Language Supervision", 2021
@@ -13,7 +15,8 @@ Shape of the network: token embedding + learned position embedding -> N pre-Laye
 (x + attn(ln1(x)) with a causal mask, then x + mlp(ln2(x))) -> final LayerNorm. The pooled output
 is the final state at the end-of-text token. SD1 uses quick_gelu and 12 layers of width 768; SD2
 uses gelu and 23 of width 1024 (OpenCLIP ViT-H has 24; SD2 conditions on the penultimate one, so
-the last was dropped when it was converted).
+the last was dropped when it was converted). SDXL's bigG tower: gelu, 32 layers of width 1280, and
+a bias-free `text_projection` of the pooled state (`text_embeds`, SDXL's pooled conditioning).
 
 Deviation from transformers' names (mapped in weights_conversion/clip_text.py): the embeddings
 and layers sit directly on the model (`token_embedding`, `layers.{i}`), not under
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weights_conversion.clip_text import FORMAT
+from weights_conversion.clip_text import FORMAT, FORMAT_WITH_PROJECTION
 
 from .config import ConfigBase
 from .layers import Attention
@@ -55,7 +58,7 @@ class CLIPTextConfig(ConfigBase):
     eos_token_id: int = 2
     bos_token_id: int = 0
     pad_token_id: int = 1
-    projection_dim: int = 768  # unused by the text model, kept so configs round-trip
+    projection_dim: int = 768  # CLIPTextModelWithProjection's text_embeds width; unused by CLIPTextModel
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
@@ -152,21 +155,21 @@ class CLIPTextModel(ModelMixin):
         of the causal mask, as transformers does; Stable Diffusion passes none.
         """
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("CLIPTextModel: pass exactly one of input_ids and inputs_embeds")
+            raise ValueError(f"{type(self).__name__}: pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
             input_ids = self._check_ids(input_ids)
             x = self.token_embedding(input_ids)
         else:
             if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(
-                    f"CLIPTextModel: inputs_embeds must have shape (batch, sequence, {self.config.hidden_size}), "
-                    f"got {tuple(inputs_embeds.shape)}"
+                    f"{type(self).__name__}: inputs_embeds must have shape (batch, sequence, "
+                    f"{self.config.hidden_size}), got {tuple(inputs_embeds.shape)}"
                 )
             x = inputs_embeds
         b, n = x.shape[:2]
         if n > self.config.max_position_embeddings:
             raise ValueError(
-                f"CLIPTextModel: the sequence has {n} tokens but the model has only "
+                f"{type(self).__name__}: the sequence has {n} tokens but the model has only "
                 f"{self.config.max_position_embeddings} positions (truncate the prompt)"
             )
         # positions computed here, not stored: the model is built on the meta device, without buffers
@@ -176,7 +179,7 @@ class CLIPTextModel(ModelMixin):
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (b, n):
                 raise ValueError(
-                    f"CLIPTextModel: attention_mask must have shape {(b, n)}, got {tuple(attention_mask.shape)}"
+                    f"{type(self).__name__}: attention_mask must have shape {(b, n)}, got {tuple(attention_mask.shape)}"
                 )
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             mask = causal & attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, N, N)
@@ -212,18 +215,53 @@ class CLIPTextModel(ModelMixin):
             or input_ids.dtype == torch.bool
         ):
             raise ValueError(
-                "CLIPTextModel: input_ids must be an integer tensor, "
+                f"{type(self).__name__}: input_ids must be an integer tensor, "
                 f"got {getattr(input_ids, 'dtype', type(input_ids))}"
             )
         if input_ids.ndim == 1:  # one unbatched prompt
             input_ids = input_ids[None]
         if input_ids.ndim != 2:
             raise ValueError(
-                f"CLIPTextModel: input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
+                f"{type(self).__name__}: input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}"
             )
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
-                f"CLIPTextModel: token ids must lie in [0, {self.config.vocab_size}), got ids from "
+                f"{type(self).__name__}: token ids must lie in [0, {self.config.vocab_size}), got ids from "
                 f"{int(input_ids.min())} to {int(input_ids.max())} (tokenizer and text encoder mismatched?)"
             )
         return input_ids.to(self.token_embedding.weight.device)
+
+
+@dataclass
+class CLIPTextModelWithProjectionOutput(BaseOutput):
+    """`[0]` / `.text_embeds`: the pooled end-of-text state through `text_projection`, (B, projection_dim);
+    None when the model was given `inputs_embeds`. `.last_hidden_state`, `.hidden_states`: as CLIPTextOutput."""
+
+    text_embeds: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """The text transformer plus a bias-free projection of its pooled output (SDXL's text_encoder_2)."""
+
+    weights_format = FORMAT_WITH_PROJECTION
+
+    def __init__(self, config: CLIPTextConfig | dict | None = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.text_projection = nn.Linear(self.config.hidden_size, self.config.projection_dim, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> CLIPTextModelWithProjectionOutput | tuple[torch.Tensor, ...]:
+        """As CLIPTextModel.forward; the pooled state comes back projected, as `text_embeds`."""
+        out = super().forward(input_ids, attention_mask, inputs_embeds, output_hidden_states)
+        pooled = out.pooler_output
+        text_embeds = self.text_projection(pooled) if pooled is not None else None
+        result = CLIPTextModelWithProjectionOutput(text_embeds, out.last_hidden_state, out.hidden_states)
+        return result if return_dict else result.to_tuple()

@@ -1,4 +1,4 @@
-"""UNet2DConditionModel: the text-conditioned latent denoiser of Stable Diffusion 1.x / 2.x.
+"""UNet2DConditionModel: the text-conditioned latent denoiser of Stable Diffusion 1.x / 2.x and SDXL.
 
 References:
 1. Rombach, Blattmann, Lorenz, Esser, Ommer. "High-Resolution Image Synthesis with Latent Diffusion
@@ -6,7 +6,9 @@ References:
 2. Ronneberger, Fischer, Brox. "U-Net: Convolutional Networks for Biomedical Image Segmentation", 2015.
 3. Vaswani et al. "Attention Is All You Need", 2017 (the transformer block, sinusoidal embedding).
 4. Shazeer. "GLU Variants Improve Transformer", 2020 (the GEGLU feed-forward).
-5. diffusers' UNet2DConditionModel, whose config keys and checkpoints this model reads.
+5. Podell et al. "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis", 2023
+   (the micro-conditioning: image size, crop and aesthetic score). https://arxiv.org/abs/2307.01952
+6. diffusers' UNet2DConditionModel, whose config keys and checkpoints this model reads.
 
 Shape of the network: conv_in -> down levels (ResNet block, then a spatial transformer attending to
 the text context, repeated; stride-2 conv) -> mid (ResNet, transformer, ResNet) -> up levels (ResNet
@@ -15,6 +17,11 @@ blocks on the features concatenated with the matching skip, transformers, neares
 Note the Stable Diffusion meaning of `attention_head_dim`: it is the NUMBER of heads per level (an int
 or one per level, SD2: [5, 10, 20, 20]); the per-head width is channels / heads. diffusers kept the
 misleading name for compatibility with existing configs; `num_attention_heads` overrides it if given.
+
+SDXL (`addition_embed_type="text_time"`) adds a second embedding to the timestep's: each of the K
+micro-conditioning numbers (`time_ids`: original size, crop corner, target size or aesthetic score)
+gets the same sinusoidal embedding as a timestep, `addition_time_embed_dim` wide; the K embeddings
+are flattened, appended to the pooled text embedding, and go through a 2-layer MLP (`add_embedding`).
 """
 
 from __future__ import annotations
@@ -38,12 +45,14 @@ from .layers import (
     timestep_embedding,
     unet_levels,
 )
+from .lora import lora_scale
 from .modeling import ModelMixin
 from .outputs import BaseOutput
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 
 def _per_level(value: Any, n: int, name: str) -> tuple:
@@ -88,6 +97,11 @@ class UNet2DConditionConfig(ConfigBase):
     upcast_attention: bool = False  # SD2.1: attention in fp32 even when the model runs in fp16
     time_embedding_dim: int | None = None
     time_cond_proj_dim: int | None = None  # LCM-distilled UNets: the width of the guidance-scale embedding
+    # SDXL: "text_time" (pooled text + micro-conditioning), the width of each number's sinusoidal
+    # embedding, and the MLP's input width (pooled width + K * addition_time_embed_dim)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
 
@@ -100,8 +114,17 @@ class UNet2DConditionConfig(ConfigBase):
                 ("down_block_types", self.down_block_types, DOWN_BLOCKS),
                 ("up_block_types", self.up_block_types, UP_BLOCKS),
                 ("mid_block_type", (self.mid_block_type,), MID_BLOCKS),
+                ("addition_embed_type", (self.addition_embed_type,), ADDITION_EMBED_TYPES),
             ),
         )
+        if self.addition_embed_type == "text_time":
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, key)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ValueError(
+                        f"UNet2DConditionModel: addition_embed_type='text_time' needs {key} "
+                        f"(a positive int), got {value!r}"
+                    )
         for key in (
             "layers_per_block",
             "attention_head_dim",
@@ -229,6 +252,12 @@ class UNet2DConditionModel(ModelMixin):
 
         self.conv_in = nn.Conv2d(c.in_channels, chs[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(chs[0], temb, c.time_cond_proj_dim)
+        # SDXL's micro-conditioning MLP (the same Linear -> SiLU -> Linear), added to the time embedding
+        self.add_embedding = (
+            TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
+            if c.addition_embed_type == "text_time"
+            else None
+        )
 
         L = len(chs)
         down_blocks, up_blocks = unet_levels(
@@ -261,27 +290,88 @@ class UNet2DConditionModel(ModelMixin):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         timestep_cond: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """sample (B, C, H, W), timestep (an int, float, 0-d or (B,) tensor), encoder_hidden_states (B, N, D);
-        timestep_cond (B, time_cond_proj_dim), an LCM's guidance-scale embedding, is added into the time embedding."""
+        timestep_cond (B, time_cond_proj_dim), an LCM's guidance-scale embedding, is added into the time embedding;
+        added_cond_kwargs {"text_embeds": (B, P), "time_ids": (B, K)}, SDXL's pooled text embedding and
+        micro-conditioning (required by, and only accepted by, a UNet with addition_embed_type="text_time");
+        cross_attention_kwargs: None or {"scale": the LoRA scale}."""
         c: UNet2DConditionConfig = self.config
+        _check_cross_attention_kwargs(cross_attention_kwargs)
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         t = as_timestep_batch(timestep, sample.shape[0], sample.device)
-        # the sinusoidal features are computed in fp32, then cast to the model's dtype
-        emb = self.time_embedding(
-            timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype),
-            timestep_cond,
-        )
+        # cross_attention_kwargs["scale"]: the LoRA adapters' scale for this call (minidiff/lora.py)
+        with lora_scale(self, (cross_attention_kwargs or {}).get("scale")):
+            # the sinusoidal features are computed in fp32, then cast to the model's dtype
+            emb = self.time_embedding(
+                timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(sample.dtype),
+                timestep_cond,
+            )
+            if self.add_embedding is not None:  # SDXL
+                emb = emb + self.added_embedding(added_cond_kwargs, sample.shape[0])
+            elif added_cond_kwargs:
+                raise ValueError(
+                    f"UNet2DConditionModel: added_cond_kwargs ({sorted(added_cond_kwargs)}) given to a UNet without "
+                    "added conditioning (addition_embed_type=None): only SDXL-style UNets ('text_time') take them"
+                )
 
-        x = self.conv_in(sample)
-        skips = [x]  # every encoder state, consumed in reverse by the decoder
-        for block in self.down_blocks:
-            x = block(x, emb, encoder_hidden_states, skips)
-        if self.mid_block is not None:
-            x = self.mid_block(x, emb, encoder_hidden_states)
-        for block in self.up_blocks:
-            x = block(x, emb, encoder_hidden_states, skips)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+            x = self.conv_in(sample)
+            skips = [x]  # every encoder state, consumed in reverse by the decoder
+            for block in self.down_blocks:
+                x = block(x, emb, encoder_hidden_states, skips)
+            if self.mid_block is not None:
+                x = self.mid_block(x, emb, encoder_hidden_states)
+            for block in self.up_blocks:
+                x = block(x, emb, encoder_hidden_states, skips)
+            x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)
+
+    def added_embedding(self, added_cond_kwargs: dict[str, torch.Tensor] | None, batch: int) -> torch.Tensor:
+        """SDXL's micro-conditioning: [pooled text | sinusoidal(time_ids) flattened] -> add_embedding, (B, temb)."""
+        c: UNet2DConditionConfig = self.config
+        need = "added_cond_kwargs={'text_embeds': pooled text embedding (B, P), 'time_ids': micro-conditioning (B, K)}"
+        if added_cond_kwargs is None:
+            raise ValueError(f"UNet2DConditionModel: this UNet has addition_embed_type='text_time' (SDXL): pass {need}")
+        missing = [k for k in ("text_embeds", "time_ids") if added_cond_kwargs.get(k) is None]
+        if missing:
+            raise ValueError(f"UNet2DConditionModel: added_cond_kwargs has no {' and no '.join(missing)}: pass {need}")
+        unknown = sorted(set(added_cond_kwargs) - {"text_embeds", "time_ids"})
+        if unknown:
+            raise ValueError(f"UNet2DConditionModel: added_cond_kwargs has unknown keys {unknown}: pass {need}")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        n = text_embeds.shape[0] if text_embeds.ndim == 2 else -1
+        if n not in (1, batch) or time_ids.numel() % n or time_ids.ndim > 2:
+            raise ValueError(
+                f"UNet2DConditionModel: added_cond_kwargs text_embeds must be (B, P) and time_ids (B, K) with B the "
+                f"sample batch ({batch}) or 1, got text_embeds {tuple(text_embeds.shape)}, "
+                f"time_ids {tuple(time_ids.shape)}"
+            )
+        # each number embedded like a timestep (fp32), then one row of K embeddings per sample
+        times = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+        features = torch.cat([text_embeds.to(times.dtype), times.reshape(n, -1)], dim=-1)
+        if features.shape[-1] != c.projection_class_embeddings_input_dim:
+            k = time_ids.numel() // n
+            raise ValueError(
+                f"UNet2DConditionModel: text_embeds width {text_embeds.shape[-1]} + {k} time_ids x "
+                f"addition_time_embed_dim {c.addition_time_embed_dim} = {features.shape[-1]}, but "
+                f"projection_class_embeddings_input_dim is {c.projection_class_embeddings_input_dim} "
+                "(SDXL base: 1280 + 6 x 256; refiner: 1280 + 5 x 256)"
+            )
+        return self.add_embedding(features.to(self.add_embedding.linear_1.weight.dtype))
+
+
+def _check_cross_attention_kwargs(kwargs: dict[str, Any] | None) -> None:
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"UNet2DConditionModel: cross_attention_kwargs must be None or a dict, got {type(kwargs)}")
+    unknown = sorted(set(kwargs) - {"scale"})
+    if unknown:
+        raise ValueError(
+            f"UNet2DConditionModel: cross_attention_kwargs keys {unknown} are not supported "
+            "(minidiff takes only 'scale', the LoRA scale)"
+        )

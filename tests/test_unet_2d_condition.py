@@ -152,7 +152,7 @@ def test_missing_or_extra_key_is_named(tiny, tmp_path):
     [
         {"class_embed_type": "timestep"},
         {"num_class_embeds": 10},
-        {"addition_embed_type": "text_time"},
+        {"addition_embed_type": "text"},
         {"time_embedding_type": "fourier"},
         {"encoder_hid_dim_type": "text_proj"},
         {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"},

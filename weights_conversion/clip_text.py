@@ -1,4 +1,5 @@
-"""transformers CLIPTextModel <-> minidiff.clip_text.CLIPTextModel.
+"""transformers CLIPTextModel <-> minidiff.clip_text.CLIPTextModel, and CLIPTextModelWithProjection
+(SDXL's text_encoder_2) <-> minidiff.clip_text.CLIPTextModelWithProjection.
 
 Deviations from transformers' names (everything else is kept as it is):
   text_model.embeddings.token_embedding.      ->  token_embedding.
@@ -13,7 +14,10 @@ transformers 5 saves without the prefix (accepted as `legacy`, i.e. load only). 
 writes the prefixed layout because both transformers 4 and 5 load it, while transformers 4 cannot
 load the unprefixed one.
 
-Dropped on purpose: the `embeddings.position_ids` buffer some old checkpoints stored (minidiff
+CLIPTextModelWithProjection: the same names plus `text_projection.weight`, which transformers (4 and 5)
+writes without any prefix, beside the `text_model.`-prefixed tower; the unprefixed tower loads too.
+
+Dropped on purpose (CLIPTextModel): the `embeddings.position_ids` buffer some old checkpoints stored (minidiff
 computes positions), and the rest of a full CLIPModel checkpoint (`vision_model.`, the
 projections, `logit_scale`), which transformers' CLIPTextModel ignores too (e.g. the tutorial's
 openai/clip-vit-large-patch14).
@@ -69,6 +73,10 @@ def rules(config: Any = None) -> list[Rule]:
     return [*_layout(PREFIX, legacy=False), *_layout("", legacy=True)]
 
 
+def rules_with_projection(config: Any = None) -> list[Rule]:
+    return [Rule("text_projection.", "text_projection."), *rules(config)]
+
+
 def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:
     model_type = raw.get("model_type")
     if model_type == "clip" or "text_config" in raw or "text_config_dict" in raw:
@@ -84,11 +92,11 @@ def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:
     return config_from_dict(config_class, raw, "CLIPTextModel", defaults=TRANSFORMERS_DEFAULTS)
 
 
-def _config_to_dict(config: Any) -> dict[str, Any]:
-    """The config.json transformers writes for a CLIPTextModel (and needs to pick the class)."""
-    out = config_to_dict(config, "CLIPTextModel", "transformers_version")
+def _config_to_dict(config: Any, class_name: str = "CLIPTextModel") -> dict[str, Any]:
+    """The config.json transformers writes for a CLIPTextModel(WithProjection) (and needs to pick the class)."""
+    out = config_to_dict(config, class_name, "transformers_version")
     del out["_class_name"]  # a diffusers key; transformers names the class in `architectures`
-    out.update(architectures=["CLIPTextModel"], model_type="clip_text_model", transformers_version=TRANSFORMERS_VERSION)
+    out.update(architectures=[class_name], model_type="clip_text_model", transformers_version=TRANSFORMERS_VERSION)
     return out
 
 
@@ -103,6 +111,21 @@ FORMAT = ModelFormat(
         "vision_model.",
         "visual_projection.",
         "text_projection.",
+        "logit_scale",
+    ),
+)
+
+FORMAT_WITH_PROJECTION = ModelFormat(
+    class_name="CLIPTextModelWithProjection",
+    rules=rules_with_projection,
+    config_from_dict=_config_from_dict,
+    config_to_dict=lambda config: _config_to_dict(config, "CLIPTextModelWithProjection"),
+    # a full CLIPModel checkpoint's vision side, as transformers' CLIPTextModelWithProjection ignores it
+    ignore=(
+        f"{PREFIX}embeddings.position_ids",
+        "embeddings.position_ids",
+        "vision_model.",
+        "visual_projection.",
         "logit_scale",
     ),
 )

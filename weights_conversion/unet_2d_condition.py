@@ -1,4 +1,4 @@
-"""diffusers UNet2DConditionModel (SD 1.x / 2.x) <-> minidiff.unet_2d_condition.UNet2DConditionModel: weights
+"""diffusers UNet2DConditionModel (SD 1.x / 2.x, SDXL) <-> minidiff.unet_2d_condition.UNet2DConditionModel: weights
 and config.
 
 Deviations from diffusers' names (everything else is kept as it is):
@@ -8,6 +8,8 @@ Deviations from diffusers' names (everything else is kept as it is):
   *.transformer_blocks.{k}.attn{n}.to_out.0.  ->  *.transformer_blocks.{k}.attn{n}.to_out.
   *.transformer_blocks.{k}.ff.net.0.proj.  ->  *.transformer_blocks.{k}.ff.proj_in.   (GEGLU value+gate projection)
   *.transformer_blocks.{k}.ff.net.2.       ->  *.transformer_blocks.{k}.ff.proj_out.
+SDXL's `add_embedding.linear_1/2` (addition_embed_type="text_time") keep their names; the rule exists
+only for such a config, so an SD 1.x checkpoint with the keys is refused by name.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .unet_2d import unet_rules
 # a key missing from a config.json means diffusers' default, so that is what fills it.
 DIFFUSERS_DEFAULTS: dict[str, Any] = {"sample_size": None, "cross_attention_dim": 1280}
 
-# diffusers keys UNet2DConditionConfig leaves out: features minidiff does not implement (SDXL, class /
+# diffusers keys UNet2DConditionConfig leaves out: features minidiff does not implement (class /
 # image conditioning, ...), each accepted only at the values that switch it off, so a config using
 # one fails loudly. The first value is diffusers' default, which save_pretrained writes back.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -32,9 +34,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "only_cross_attention": (False,),  # or one per level
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
@@ -68,7 +67,8 @@ def transformer_rules(src: str, dst: str) -> list[Rule]:
 
 
 def rules(config: Any = None) -> list[Rule]:
-    return unet_rules(transformer_rules, "time_embedding.")
+    added = ("add_embedding.",) if config is not None and config.addition_embed_type == "text_time" else ()
+    return unet_rules(transformer_rules, "time_embedding.", *added)
 
 
 def _config_from_dict(config_class: type, raw: Mapping[str, Any]) -> Any:

@@ -23,7 +23,7 @@ from weights_conversion.configs import DIFFUSERS_VERSION
 
 from .. import files
 from ..autoencoder_kl import AutoencoderKL
-from ..clip_text import CLIPTextModel
+from ..clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from ..loading import load_config
 from ..outputs import BaseOutput
 from ..schedulers import SCHEDULERS
@@ -56,6 +56,7 @@ COMPONENT_CLASSES: dict[str, type] = {
     "UNet2DConditionModel": UNet2DConditionModel,
     "AutoencoderKL": AutoencoderKL,
     "CLIPTextModel": CLIPTextModel,
+    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
     "CLIPTokenizer": CLIPTokenizer,
     "CLIPTokenizerFast": CLIPTokenizer,  # same files, same ids
     **SCHEDULERS,
