@@ -56,6 +56,8 @@ class CallState:
     _cross_attention_kwargs: dict[str, Any] | None = None
     _num_timesteps: int = 0
     _interrupt: bool = False  # a callback sets it to skip the remaining steps (diffusers' early stop)
+    # the loop tensors with one row per UNet input: [negative; positive] halves while guidance is on
+    _guidance_batch_inputs: tuple[str, ...] = ("prompt_embeds",)
 
     @property
     def guidance_scale(self) -> float:
@@ -156,15 +158,16 @@ class CallState:
         batch, which a callback may cut to its positive half when it turns guidance off."""
         out = check_callback_output(callback(self, i, t, {k: tensors[k] for k in names}), tensors, i)
         tensors = {k: out.get(k, v) for k, v in tensors.items()}
-        latents, embeds = tensors.get("latents"), tensors.get("prompt_embeds")
-        if latents is not None and embeds is not None and self.unet.config.time_cond_proj_dim is None:
+        latents = tensors.get("latents")
+        if latents is not None and self.unet.config.time_cond_proj_dim is None:
             rows = len(latents) * (2 if self.do_classifier_free_guidance else 1)
-            if len(embeds) != rows:
-                state = "on" if self.do_classifier_free_guidance else "off"
-                raise ValueError(
-                    f"`callback_on_step_end` left prompt_embeds with {len(embeds)} rows at step {i}; with guidance "
-                    f"{state} (guidance_scale {self.guidance_scale}) the next step needs {rows}"
-                )
+            for name in self._guidance_batch_inputs:
+                if tensors.get(name) is not None and len(tensors[name]) != rows:
+                    state = "on" if self.do_classifier_free_guidance else "off"
+                    raise ValueError(
+                        f"`callback_on_step_end` left {name} with {len(tensors[name])} rows at step {i}; with "
+                        f"guidance {state} (guidance_scale {self.guidance_scale}) the next step needs {rows}"
+                    )
         if watch is not None and latents is not None:
             watch.see("callback_on_step_end", latents, i, t)
         return tensors

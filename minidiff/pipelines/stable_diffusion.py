@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import lora
 from ..noise import randn_tensor
 from ..single_file import load_pipeline
 from .base import DiffusionPipeline, ImagePipelineOutput
@@ -196,7 +197,8 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
             guided = self.do_classifier_free_guidance  # a callback may switch it off (SDCFGCutoffCallback)
             model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
+            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
             noise_pred = noise_pred.sample
             if guided:
                 noise_pred = self._guide(noise_pred)
@@ -221,7 +223,7 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
 
     # -- the steps of __call__, shared with img2img and inpainting -------------------------------
 
-    def _embed(self, prompt: list[str], clip_skip: int | None) -> torch.Tensor:
+    def _embed(self, prompt: list[str], clip_skip: int | None, lora_scale: float | None = None) -> torch.Tensor:
         tok = self.tokenizer
         ids = tok(
             prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
@@ -234,11 +236,12 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
                 f"{tok.model_max_length} tokens: {dropped}"
             )
         ids = ids.to(self.text_encoder.device)
-        if clip_skip is None:
-            return self.text_encoder(ids)[0]
-        # the state `clip_skip` layers before the last, through the final layer norm as diffusers does
-        hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        return self.text_encoder.final_layer_norm(hidden)
+        with lora.lora_scale(self.text_encoder, lora_scale):  # the text encoder's LoRA adapters, scaled
+            if clip_skip is None:
+                return self.text_encoder(ids)[0]
+            # the state `clip_skip` layers before the last, through the final layer norm as diffusers does
+            hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            return self.text_encoder.final_layer_norm(hidden)
 
     def encode_prompt(
         self,
@@ -256,7 +259,7 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
         `lora_scale` scales the text encoder's LoRA adapters while it runs (diffusers' argument order)."""
         batch = _batch_size(prompt, prompt_embeds)
         if prompt_embeds is None:
-            prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip)
+            prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip, lora_scale)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
 
@@ -278,7 +281,7 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
             else:
                 uncond = negative_prompt
             # the unconditional embedding never takes clip_skip, as in diffusers
-            negative_prompt_embeds = self._embed(uncond, None)
+            negative_prompt_embeds = self._embed(uncond, None, lora_scale)
         if do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -405,7 +408,8 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
         generator: Generator,
     ) -> None:
         """How to draw: the numbers, the generator, and the models' weights (floats, not an int checkpoint)."""
-        check_int("num_inference_steps", num_inference_steps)
+        if num_inference_steps is not None:  # None with custom timesteps / sigmas (checked by _set_timesteps)
+            check_int("num_inference_steps", num_inference_steps)
         check_real("guidance_scale", guidance_scale)
         check_int("num_images_per_prompt", num_images_per_prompt)
         check_real("eta", eta, 0.0, 1.0)  # DDIM's η: above 1 its step takes the root of a negative number

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import lora
 from ..noise import randn_tensor
 from .base import ImagePipelineOutput
 from .checks import FiniteWatch, callback_inputs
@@ -100,7 +101,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             guided = self.do_classifier_free_guidance  # a callback may switch it off (SDCFGCutoffCallback)
             model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
             model_input = self.scheduler.scale_model_input(model_input, t)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
+            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
             noise_pred = noise_pred.sample
             if guided:
                 noise_pred = classifier_free_guidance(noise_pred, self.guidance_scale)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import lora
 from .base import ImagePipelineOutput
 from .checks import FiniteWatch, callback_inputs
 from .image_processing import ImageInput, preprocess_image
@@ -25,6 +26,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
     """Inpainting: regenerate where `mask_image` is white, keep the rest."""
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents"]
+    _guidance_batch_inputs = ("prompt_embeds", "mask", "masked_image_latents")
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
@@ -113,7 +115,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             model_input = self.scheduler.scale_model_input(model_input, t)
             if not plain_unet:
                 model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
+            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
             noise_pred = noise_pred.sample
             if guided:
                 noise_pred = classifier_free_guidance(noise_pred, self.guidance_scale)
