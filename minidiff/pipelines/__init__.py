@@ -5,6 +5,9 @@ from .latent_consistency import LatentConsistencyModelPipeline
 from .stable_diffusion import StableDiffusionPipeline
 from .stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 from .stable_diffusion_inpaint import StableDiffusionInpaintPipeline
+from .stable_diffusion_xl import StableDiffusionXLPipeline
+from .stable_diffusion_xl_img2img import StableDiffusionXLImg2ImgPipeline
+from .stable_diffusion_xl_inpaint import StableDiffusionXLInpaintPipeline
 
 __all__ = [
     "DiffusionPipeline",
@@ -15,4 +18,7 @@ __all__ = [
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 ]
