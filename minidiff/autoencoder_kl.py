@@ -33,6 +33,7 @@ from .layers import AttentionBlock2D, MidBlock, UNetBlock2D
 from .modeling import ModelMixin
 from .noise import randn_tensor  # noise drawn exactly as diffusers draws it
 from .outputs import BaseOutput
+from .tiling import tiled
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,12 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(ModelMixin):
-    """`encode(images).latent_dist` -> DiagonalGaussianDistribution; `decode(latents).sample` -> images in [-1, 1]."""
+    """`encode(images).latent_dist` -> DiagonalGaussianDistribution; `decode(latents).sample` -> images in [-1, 1].
+
+    Memory helpers, as diffusers': `enable_slicing()` runs a batch one image at a time;
+    `enable_tiling()` runs images larger than `tile_sample_min_size` (the config's sample_size) in
+    overlapping tiles blended at the seams (minidiff/tiling.py), which changes the result slightly.
+    """
 
     config_class = AutoencoderKLConfig
     weights_format = FORMAT
@@ -168,20 +174,84 @@ class AutoencoderKL(ModelMixin):
         self.decoder = Decoder(c)
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
+        self.use_slicing = False
+        self.use_tiling = False
+        # tiles: the training size in pixels and latents, a quarter of each tile overlapping the next
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        self.tile_sample_min_size = size
+        self.tile_latent_min_size = int(size / 2 ** (len(c.block_out_channels) - 1))
+        self.tile_overlap_factor = 0.25
+
+    def enable_tiling(self) -> None:
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior parameters of a batch: tiled when tiling is on and the image exceeds a tile."""
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return self._tiled_moments(x)
+        h = self.encoder(x)
+        return h if self.quant_conv is None else self.quant_conv(h)
+
+    def _tiled_moments(self, x: torch.Tensor) -> torch.Tensor:
+        def encode_tile(tile: torch.Tensor) -> torch.Tensor:
+            h = self.encoder(tile)
+            return h if self.quant_conv is None else self.quant_conv(h)
+
+        size, latent = self.tile_sample_min_size, self.tile_latent_min_size
+        return tiled(encode_tile, x, size, latent, self.tile_overlap_factor)
+
+    def _pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """Images of a batch of latents: tiled when tiling is on and the latents exceed a tile."""
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return self._tiled_pixels(z)
+        return self._decode_tile(z)
+
+    def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+    def _tiled_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        size, latent = self.tile_latent_min_size, self.tile_sample_min_size
+        return tiled(self._decode_tile, z, size, latent, self.tile_overlap_factor)
 
     def encode(
         self, x: torch.Tensor, return_dict: bool = True
     ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
-        h = self.encoder(x)
-        if self.quant_conv is not None:
-            h = self.quant_conv(h)
+        if self.use_slicing and x.shape[0] > 1:
+            h = torch.cat([self._moments(image) for image in x.split(1)])
+        else:
+            h = self._moments(x)
         posterior = DiagonalGaussianDistribution(h)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        x = self.decoder(z)
+    def decode(
+        self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+    ) -> DecoderOutput | tuple[torch.Tensor]:
+        """`generator` is accepted and unused, as in diffusers (its pipelines pass one)."""
+        if self.use_slicing and z.shape[0] > 1:
+            x = torch.cat([self._pixels(latent) for latent in z.split(1)])
+        else:
+            x = self._pixels(z)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def tiled_encode(
+        self, x: torch.Tensor, return_dict: bool = True
+    ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
+        """encode() in tiles whatever the size (diffusers' public method)."""
+        posterior = DiagonalGaussianDistribution(self._tiled_moments(x))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def tiled_decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """decode() in tiles whatever the size (diffusers' public method)."""
+        x = self._tiled_pixels(z)
         return DecoderOutput(sample=x) if return_dict else (x,)
 
     def forward(

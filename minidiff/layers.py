@@ -150,7 +150,13 @@ class Attention(nn.Module):
 
     Used for the UNet transformer blocks (self/cross), the spatial attention of the DDPM UNet and
     the VAE mid-block (subclass below), and CLIP (causal).
+
+    `slice_size` (None = off; set by ModelMixin.set_attention_slice) is diffusers' attention slicing:
+    the batch x heads attention maps are computed `slice_size` at a time, so that only those maps
+    are held in memory at once. The result is the unsliced one (within float rounding).
     """
+
+    slice_size: int | None = None
 
     def __init__(
         self,
@@ -187,14 +193,34 @@ class Attention(nn.Module):
             for proj, inp in ((self.to_q, x), (self.to_k, context), (self.to_v, context))
         )
         causal = causal and mask is None
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal).to(
-                x.dtype
-            )
+        if self.slice_size is None:
+            out = self._attend(q, k, v, mask, causal)
         else:
-            # a query whose every key is masked gets an all-zero row (as in transformers)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            out = self._sliced(q, k, v, mask, causal)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+            return out.to(q.dtype)
+        # a query whose every key is masked gets an all-zero row (as in transformers)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    def _sliced(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> torch.Tensor:
+        """_attend over (B, heads) flattened into one batch-major axis, `slice_size` maps at a time."""
+        b, h, n, d = q.shape
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B*heads, N, d): index b * heads + h, as diffusers
+        if mask is not None:
+            mask = mask.expand(b, h, *mask.shape[-2:]).flatten(0, 1)
+        out = q.new_empty(b * h, n, v.shape[-1])
+        for start in range(0, b * h, self.slice_size):
+            part = slice(start, start + self.slice_size)
+            out[part] = self._attend(q[part], k[part], v[part], None if mask is None else mask[part], causal)
+        return out.view(b, h, n, -1)
 
 
 class AttentionBlock2D(Attention):

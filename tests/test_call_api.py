@@ -232,3 +232,20 @@ def test_bad_calling_arguments(loaded):
 
     with pytest.raises(ValueError, match="prompt_embeds with 2 rows at step 0.*needs 1"):
         ours(**call, callback_on_step_end=keep_both_halves_but_stop_guidance)
+
+
+def test_vae_tiling_and_slicing_in_the_pipeline(loaded):
+    """pipe.vae.enable_tiling() / enable_slicing() as a diffusers script writes them: the tiny VAE's tiles
+    are 32 pixels, the image 64 x 48."""
+    theirs, ours = loaded["StableDiffusionPipeline"]
+    for pipe in (theirs, ours):
+        pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
+    try:
+        tiled, _ = run_both(loaded, "StableDiffusionPipeline", prompt=["a", "b"], height=64, width=48)
+    finally:
+        for pipe in (theirs, ours):
+            pipe.vae.disable_tiling()
+            pipe.vae.disable_slicing()
+    plain, _ = run_both(loaded, "StableDiffusionPipeline", prompt=["a", "b"], height=64, width=48)
+    assert np.abs(tiled - plain).max() > 1e-4  # the tiles were blended
