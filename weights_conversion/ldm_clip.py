@@ -1,7 +1,8 @@
-"""The text encoders of LDM single files <-> minidiff's CLIPTextModel.
+"""The text encoders of SD 1.x / 2.x / XL single files <-> minidiff's CLIPTextModel(WithProjection).
 
-SD 1.x (`cond_stage_model.transformer.*`, prefix stripped) holds a transformers CLIPTextModel as
-it is (`text_model.embeddings…`): the transformers converter (clip_text.FORMAT) applies unchanged.
+SD 1.x (`cond_stage_model.transformer.*`) and SDXL's first encoder (`conditioner.embedders.0.transformer.*`),
+prefixes stripped, hold a transformers CLIPTextModel as it is (`text_model.embeddings…`): the
+transformers converter (clip_text.FORMAT) applies unchanged.
 
 SD 2.x (`cond_stage_model.model.*`, prefix stripped) holds OpenCLIP ViT-H's text tower:
   token_embedding.                           ->  token_embedding.
@@ -17,6 +18,12 @@ one layer fewer than the file), `text_projection` (stored transposed; only CLIP'
 uses it) and `logit_scale`. Written on save so the file has OpenCLIP's layout: the last resblock as
 zeros, which makes it an exact identity (every branch adds 0), `text_projection` as the identity
 and `logit_scale` at OpenCLIP's initial log(1/0.07). None of the three changes what SD2 computes.
+
+SDXL's OpenCLIP ViT-bigG (`conditioner.embedders.1.model.*`, the refiner's `conditioner.embedders.0.model.*`)
+has the same names and becomes a CLIPTextModelWithProjection with EVERY layer (SDXL reads the
+penultimate hidden state itself, and the pooled output runs through the last layer):
+  text_projection                            ->  text_projection.weight   (stored (width, proj): transposed)
+`logit_scale` is dropped on load and written as log(1/0.07) on save, as for SD2.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 
 from . import ModelFormat
 from .clip_text import FORMAT as TRANSFORMERS_FORMAT
+from .clip_text import FORMAT_WITH_PROJECTION
 from .rules import ConversionError, Rule
 
 OPENCLIP_HEAD_CHANNELS = 64  # ViT-L/14 (SD1) and ViT-H/14 (SD2) text towers both use 64-wide heads
@@ -54,8 +62,21 @@ def openclip_rules(config: Any = None) -> list[Rule]:
     ]
 
 
+def bigg_rules(config: Any = None) -> list[Rule]:
+    return [
+        *openclip_rules(config),
+        Rule("text_projection", "text_projection.weight", transform=_transpose, inverse=_transpose),
+    ]
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    """OpenCLIP applies `x @ text_projection`; a Linear weight is its transpose."""
+    return t.T.contiguous()
+
+
 def split_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    """Drop the unused last layer; split each fused in_proj into attn.q / attn.k / attn.v."""
+    """Drop SD2's unused last layer (a bigG config keeps every layer); split each fused in_proj into
+    attn.q / attn.k / attn.v."""
     unused = f"transformer.resblocks.{config.num_hidden_layers}."
     out = {}
     for key, tensor in sd.items():
@@ -70,8 +91,8 @@ def split_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.T
     return out
 
 
-def fuse_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    """The inverse of split_in_proj, plus the unused last layer, text_projection and logit_scale."""
+def _fuse(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """attn.q / attn.k / attn.v -> attn.in_proj_* (stacked along dim 0)."""
     out = {}
     for key, tensor in sd.items():
         base, _, rest = key.rpartition(".attn.")
@@ -81,12 +102,29 @@ def fuse_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
                 out[f"{base}.attn.in_proj_{leaf}"] = torch.cat([sd[f"{base}.attn.{y}.{leaf}"] for y in QKV])
         else:
             out[key] = tensor
+    return out
+
+
+def _logit_scale(like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(math.log(1 / 0.07), dtype=like.dtype)
+
+
+def fuse_in_proj(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """The inverse of split_in_proj, plus the unused last layer, text_projection and logit_scale."""
+    out = _fuse(sd)
     n, width = config.num_hidden_layers, config.hidden_size
     like = sd["ln_final.weight"]
     for key in [k for k in out if k.startswith("transformer.resblocks.0.")]:
         out[key.replace(".0.", f".{n}.", 1)] = torch.zeros_like(out[key])
     out["text_projection"] = torch.eye(width, dtype=like.dtype)
-    out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=like.dtype)
+    out["logit_scale"] = _logit_scale(like)
+    return out
+
+
+def fuse_bigg(sd: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """SDXL's bigG: the fused in_proj and OpenCLIP's logit_scale (every layer and the projection are real)."""
+    out = _fuse(sd)
+    out["logit_scale"] = _logit_scale(sd["ln_final.weight"])
     return out
 
 
@@ -143,6 +181,27 @@ def openclip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM OpenCLIP te
     }
 
 
+def bigg_config(sd: Mapping[str, torch.Tensor], what: str = "SDXL OpenCLIP ViT-bigG text encoder") -> dict[str, Any]:
+    """SDXL: OpenCLIP bigG as a CLIPTextConfig (gelu) with all the file's layers and the projection's width."""
+    vocab, width = _need(sd, "token_embedding.weight", what)
+    projection = _need(sd, "text_projection", what)
+    if len(projection) != 2 or projection[0] != width:
+        raise ConversionError(
+            f"{what}: text_projection has shape {tuple(projection)}; OpenCLIP stores it as (width {width}, projection)"
+        )
+    return {
+        **COMMON,
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": _need(sd, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
+        "num_hidden_layers": _count(sd, "transformer.resblocks."),
+        "num_attention_heads": _heads(width, what),
+        "max_position_embeddings": _need(sd, "positional_embedding", what)[0],
+        "hidden_act": "gelu",
+        "projection_dim": projection[1],
+    }
+
+
 CLIP_FORMAT = TRANSFORMERS_FORMAT
 
 OPENCLIP_FORMAT = ModelFormat(
@@ -153,4 +212,14 @@ OPENCLIP_FORMAT = ModelFormat(
     ignore=("text_projection", "logit_scale"),
     before_convert=split_in_proj,
     after_export=fuse_in_proj,
+)
+
+BIGG_FORMAT = ModelFormat(
+    class_name="CLIPTextModelWithProjection",
+    rules=bigg_rules,
+    config_from_dict=FORMAT_WITH_PROJECTION.config_from_dict,
+    config_to_dict=FORMAT_WITH_PROJECTION.config_to_dict,
+    ignore=("logit_scale",),
+    before_convert=split_in_proj,  # drops nothing here: the config keeps every layer
+    after_export=fuse_bigg,
 )

@@ -1,4 +1,4 @@
-"""CompVis / LDM UNet (`model.diffusion_model.*`, prefix stripped) <-> minidiff's UNet2DConditionModel.
+"""CompVis / LDM and SDXL UNet (`model.diffusion_model.*`, prefix stripped) <-> minidiff's UNet2DConditionModel.
 
 The LDM UNet numbers its blocks flat, so the table is generated per config (`_walk`):
 
@@ -12,14 +12,16 @@ The LDM UNet numbers its blocks flat, so the table is generated per config (`_wa
   output_blocks.{m}.{1|2}.conv.     ->  up_blocks.{i}.upsample.conv.    (.2 when the block has a transformer)
   time_embed.0. / time_embed.2.     ->  time_embedding.linear_1. / linear_2.
   out.0. / out.2.                   ->  conv_norm_out. / conv_out.
+  label_emb.0.0. / label_emb.0.2.   ->  add_embedding.linear_1. / linear_2.   (SDXL's micro-conditioning MLP)
 ResBlock leaves:
   in_layers.0 -> norm1, in_layers.2 -> conv1, emb_layers.1 -> time_emb_proj,
   out_layers.0 -> norm2, out_layers.3 -> conv2, skip_connection -> conv_shortcut
 The transformers inside use diffusers' own names (diffusers took them from LDM), so the diffusers
 converter's `transformer_rules` apply unchanged.
 
-The config is read from shapes and key presence; what shapes cannot tell (the number of heads) is
-filled the way the original LDM configs define it (see `config_from_state_dict`).
+The config is read from shapes and key presence; what shapes cannot tell (the number of heads, the
+width of SDXL's micro-conditioning embedding) is filled the way the original configs define it
+(see `config_from_state_dict`).
 """
 
 from __future__ import annotations
@@ -42,9 +44,13 @@ RESNET = {
     "out_layers.3.": "conv2.",
     "skip_connection.": "conv_shortcut.",
 }
-# the per-head width of SD2's UNet (LDM `num_head_channels: 64`); SD1 has 8 heads (`num_heads: 8`)
+# the per-head width of SD2's and SDXL's UNets (`num_head_channels: 64`); SD1 has 8 heads (`num_heads: 8`)
 SD2_HEAD_CHANNELS = 64
 SD1_HEADS = 8
+# SDXL: the sinusoidal width of each micro-conditioning number (sgm's ConcatTimestepEmbedderND
+# `outdim`; no weights depend on it, only label_emb's input width, pooled width + K * 256)
+SDXL_TIME_EMBED_DIM = 256
+ADDED = {"label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
 
 
 def resnet_rules(src: str, dst: str) -> list[Rule]:
@@ -90,6 +96,8 @@ def rules(config: Any) -> list[Rule]:
         Rule("out.0.", "conv_norm_out."),
         Rule("out.2.", "conv_out."),
     ]
+    if config.addition_embed_type == "text_time":
+        out += [Rule(src, dst) for src, dst in ADDED.items()]
     for kind, src, dst in _walk(config):
         if kind == "resnet":
             out += resnet_rules(src, dst)
@@ -107,7 +115,7 @@ def _indices(sd: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Size:
     if key not in sd:
-        raise ConversionError(f"{what}: the LDM UNet has no {key!r} (not a Stable Diffusion 1.x/2.x UNet?)")
+        raise ConversionError(f"{what}: the LDM UNet has no {key!r} (not a Stable Diffusion 1.x / 2.x / XL UNet?)")
     return sd[key].shape
 
 
@@ -115,14 +123,16 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM UNet
     """A diffusers-style UNet2DConditionModel config read from the tensors' shapes.
 
     Shapes give the channels, levels, ResBlocks per level, which levels attend, the context width,
-    conv vs linear projections and the transformer depth. They do not give the number of heads:
-    SD2's LDM config fixes the head WIDTH at 64 (`num_head_channels`), SD1's fixes 8 heads. SD2 is
-    recognised by its linear proj_in (SD1 uses 1x1 convs), so heads = channels // 64 per level
-    ([5, 10, 20, 20] for SD2.x) with linear projections, else 8. sample_size and upcast_attention
-    are not in the weights at all; the caller sets them (weights_conversion.ldm.VARIANTS).
+    conv vs linear projections, the transformer depth per level and SDXL's added-conditioning input
+    width. They do not give the number of heads: SD2's and SDXL's configs fix the head WIDTH at 64
+    (`num_head_channels`), SD1's fixes 8 heads. SD2 / SDXL are recognised by their linear proj_in
+    (SD1 uses 1x1 convs), so heads = channels // 64 per level ([5, 10, 20, 20] for SD2.x, [5, 10, 20]
+    for SDXL) with linear projections, else 8. SDXL's `addition_time_embed_dim` is 256 in every
+    SDXL config. sample_size and upcast_attention are not in the weights at all; the caller sets
+    them (weights_conversion.ldm.VARIANTS).
     """
     conv_in = _shape(sd, "input_blocks.0.0.weight", what)
-    channels, layers, cross = [], [], []
+    channels, layers, cross, depths = [], [], [], []
     count = 0
     for n in _indices(sd, "input_blocks.")[1:]:
         if f"input_blocks.{n}.0.op.weight" in sd:  # a downsample closes the level
@@ -132,6 +142,7 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM UNet
         if count == 0:
             channels.append(_shape(sd, f"input_blocks.{n}.0.out_layers.3.weight", what)[0])
             cross.append(f"input_blocks.{n}.1.proj_in.weight" in sd)
+            depths.append(len(_indices(sd, f"input_blocks.{n}.1.transformer_blocks.")))
         count += 1
     layers.append(count)
     if not channels or len(layers) != len(channels):
@@ -144,7 +155,6 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM UNet
         raise ConversionError(f"{what}: no spatial transformer (…proj_in.weight) found: not a text-conditioned SD UNet")
     first = transformers[0]
     linear = sd[f"{first}.proj_in.weight"].ndim == 2
-    depth = len(_indices(sd, f"{first}.transformer_blocks."))
     context = _shape(sd, f"{first}.transformer_blocks.0.attn2.to_k.weight", what)[1]
 
     has_mid = any(k.startswith("middle_block.") for k in sd)
@@ -173,6 +183,13 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM UNet
     else:
         heads = SD1_HEADS
     time_dim = _shape(sd, "time_embed.0.weight", what)[0]
+    added = {}
+    if "label_emb.0.0.weight" in sd:  # SDXL
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+            "projection_class_embeddings_input_dim": sd["label_emb.0.0.weight"].shape[1],
+        }
     return {
         "in_channels": conv_in[1],
         "out_channels": _shape(sd, "out.2.weight", what)[0],
@@ -186,12 +203,35 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM UNet
         "cross_attention_dim": context,
         "attention_head_dim": heads,
         "use_linear_projection": linear,
-        "transformer_layers_per_block": depth,
+        "transformer_layers_per_block": _depths(sd, depths, cross, has_mid, what),
         "time_embedding_dim": None if time_dim == channels[0] * 4 else time_dim,
         # LDM's normalization() is GroupNorm(32, ...) everywhere, eps 1e-5
         "norm_num_groups": 32,
         "norm_eps": 1e-5,
+        **added,
     }
+
+
+def _depths(
+    sd: Mapping[str, torch.Tensor], depths: list[int], cross: list[bool], has_mid: bool, what: str
+) -> int | list[int]:
+    """transformer_layers_per_block as diffusers writes it: one int when every transformer (the
+    mid block's too) has the same depth (SD 1.x / 2.x: 1, the SDXL refiner: 4), else one per level
+    with 1 at the levels without attention (SDXL base: [1, 2, 10]). diffusers gives the mid block
+    the last level's depth, so a file where they differ has no diffusers config."""
+    mid = len(_indices(sd, "middle_block.1.transformer_blocks.")) if has_mid else None
+    found = {d for d, c in zip(depths, cross) if c} | ({mid} if has_mid else set())
+    if len(found) == 1:
+        return found.pop()
+    per_level = [d if c else 1 for d, c in zip(depths, cross)]
+    if has_mid and not cross[-1]:
+        per_level[-1] = mid
+    if has_mid and per_level[-1] != mid:
+        raise ConversionError(
+            f"{what}: the middle block has {mid} transformer layers but the last level {per_level[-1]}; "
+            "diffusers' UNet2DConditionModel gives both the same depth"
+        )
+    return per_level
 
 
 FORMAT = ModelFormat(

@@ -81,7 +81,8 @@ def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 def config_from_state_dict(sd: Mapping[str, torch.Tensor], what: str = "LDM autoencoder") -> dict[str, Any]:
     """A diffusers-style AutoencoderKL config from shapes. LDM's Normalize() is always
-    GroupNorm(32, …) and `scale_factor` is not stored in the weights: 0.18215 as in the SD configs."""
+    GroupNorm(32, …) and `scale_factor` is not stored in the weights: 0.18215 as in the SD 1.x / 2.x
+    configs (SDXL files get theirs from weights_conversion.ldm.VARIANTS)."""
     for key in (
         "encoder.conv_in.weight",
         "decoder.conv_out.weight",
