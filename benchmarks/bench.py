@@ -4,11 +4,13 @@ Usage (the committed tables: benchmarks/README.md):
     python benchmarks/bench.py --make-weights /tmp/minidiff-bench/sd15
     python benchmarks/bench.py --dtype fp32 --only unet32,unet64,vae256,vae512,text,txt2img,ttfo --memory --json o.json
     python benchmarks/bench.py --dtype bf16 --only unet32 --compile
+    python benchmarks/bench.py --dtype fp32 --only sdxl_unet32 --memory   # makes /tmp/minidiff-bench/sdxl-base first
 
 Each workload runs the two implementations interleaved (A B A B ...) after warm-up, so slow drifts
 in machine speed (other tenants, clocks) hit both alike; medians are reported. Time to first
 output and peak memory are measured in a fresh process per implementation (`--child`), so one
-library's imports, caches and allocator state never count against the other.
+library's imports, caches and allocator state never count against the other. The SDXL UNet (10.3 GB in
+fp32) is timed one implementation at a time instead (diffusers, then minidiff), never two copies at once.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
-# copies of the public SD 1.5 configs (shared/reference-configs), so that a machine with only this
+# copies of the public SD 1.5 (and SDXL base UNet) configs (shared/reference-configs), so that a machine with only this
 # repository (a GPU box with no Hub access) can make the weights
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,6 +46,7 @@ SECTIONS = {  # name -> (component, description)
     "text": ("text_encoder", "text encoder, batch 2 × 77 tokens"),
     "txt2img": ("pipeline", "txt2img 256×256, 10 steps (PNDM, CFG)"),
     "ttfo": ("unet", "time to first output: load UNet + first 32×32 step"),
+    "sdxl_unet32": ("sdxl_unet", "SDXL base UNet step, batch 2 (CFG), 32×32 latents"),
 }
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -75,6 +78,25 @@ def make_weights(folder: Path, configs: dict[str, dict] | None = None) -> None:
     print(f"wrote random SD 1.5 weights to {folder}", flush=True)
 
 
+def make_sdxl_weights(folder: Path) -> None:
+    """Write the SDXL base UNet (real config, random weights, 10.3 GB) to folder/unet unless it exists."""
+    if (folder / "unet" / "config.json").exists():
+        return
+    import diffusers
+
+    torch.manual_seed(0)
+    config = json.loads((CONFIGS / "sdxl-base-1.0.unet.json").read_text())
+    unet = diffusers.UNet2DConditionModel.from_config(config)
+    unet.save_pretrained(folder / "unet.partial", max_shard_size="2GB")  # sharded like the Hub's
+    del unet
+    (folder / "unet.partial").rename(folder / "unet")  # renamed last: marks completion
+    print(f"wrote a random SDXL base UNet to {folder / 'unet'}", flush=True)
+
+
+def weights_folder(component: str, args: argparse.Namespace) -> Path:
+    return args.sdxl_weights if component == "sdxl_unet" else args.weights
+
+
 # -- loading and workloads -----------------------------------------------------------------------
 
 
@@ -99,8 +121,10 @@ def load(impl: str, component: str, folder: Path, device: str, dtype: torch.dtyp
         pipe = lib.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **kwargs).to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    cls = {"unet": lib.UNet2DConditionModel, "vae": lib.AutoencoderKL, "text_encoder": te_cls}[component]
-    return cls.from_pretrained(folder, subfolder=component, torch_dtype=dtype).to(device).eval()
+    cls = {"unet": lib.UNet2DConditionModel, "vae": lib.AutoencoderKL, "text_encoder": te_cls}
+    cls["sdxl_unet"] = lib.UNet2DConditionModel
+    subfolder = "unet" if component == "sdxl_unet" else component
+    return cls[component].from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype).to(device).eval()
 
 
 def workload(section: str, model: Any, device: str, dtype: torch.dtype) -> Callable[[], Any]:
@@ -112,6 +136,15 @@ def workload(section: str, model: Any, device: str, dtype: torch.dtype) -> Calla
         t = torch.tensor([500, 500], device=device)
         ctx = torch.randn(2, 77, 768, generator=g).to(device, dtype)
         return lambda: model(x, t, encoder_hidden_states=ctx).sample
+    if section == "sdxl_unet32":
+        x = torch.randn(2, 4, 32, 32, generator=g).to(device, dtype)
+        t = torch.tensor([500, 500], device=device)
+        ctx = torch.randn(2, 77, 2048, generator=g).to(device, dtype)
+        added = {
+            "text_embeds": torch.randn(2, 1280, generator=g).to(device, dtype),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device=device, dtype=dtype),
+        }
+        return lambda: model(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
     if section in ("vae256", "vae512"):
         z = torch.randn(1, 4, int(section[3:]) // 8, int(section[3:]) // 8, generator=g).to(device, dtype)
         return lambda: model.decode(z).sample
@@ -217,7 +250,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     component = SECTIONS[args.child][0]
     with torch.no_grad():
         t0 = time.perf_counter()
-        model = load(args.impl, component, args.weights, args.device, dtype)
+        model = load(args.impl, component, weights_folder(component, args), args.device, dtype)
         t_load = time.perf_counter() - t0
         fn = workload(args.child, model, args.device, dtype)
         rss_loaded = _vm("VmRSS")
@@ -254,6 +287,8 @@ def run_child(args: argparse.Namespace, section: str, impl: str) -> dict[str, An
         args.dtype,
         "--weights",
         str(args.weights),
+        "--sdxl-weights",
+        str(args.sdxl_weights),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
@@ -264,8 +299,48 @@ def run_child(args: argparse.Namespace, section: str, impl: str) -> dict[str, An
 # -- the sections --------------------------------------------------------------------------------
 
 
+def side_by_side(
+    section: str, args: argparse.Namespace, dtype: torch.dtype, row: dict[str, Any]
+) -> dict[str, list[float]]:
+    """Both implementations loaded at once and timed interleaved (plus compiled copies with --compile);
+    the FLOPs of one reference call and the compile times go into `row`."""
+    component = SECTIONS[section][0]
+    with torch.no_grad():
+        models = {impl: load(impl, component, args.weights, args.device, dtype) for impl in IMPLS}
+        fns = {impl: workload(section, m, args.device, dtype) for impl, m in models.items()}
+        # FLOPs of one reference call (both implement the same maths, checked by tests/)
+        row["flops"] = count_flops(fns["diffusers"])
+        if args.compile:
+            # eager and compiled side by side; the first compiled call (compilation) is timed on its own
+            row["compile_s"] = {}
+            for impl in IMPLS:
+                fn = workload(section, compiled(models[impl]), args.device, dtype)
+                row["compile_s"][impl] = time_once(fn, args.device)
+                fns[f"{impl}+compile"] = fn
+        times = interleaved(fns, args.device, args.warmup, args.repeats)
+    del models, fns
+    gc.collect()
+    return times
+
+
+def one_at_a_time(section: str, args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str, list[float]], int]:
+    """Each implementation loaded, warmed up, timed and freed in turn: for models too big for two copies."""
+    times, flops = {}, 0
+    with torch.no_grad():
+        for impl in IMPLS:
+            model = load(impl, SECTIONS[section][0], args.sdxl_weights, args.device, dtype)
+            fn = workload(section, model, args.device, dtype)
+            if impl == "diffusers":
+                flops = count_flops(fn)
+            times[impl] = interleaved({impl: fn}, args.device, args.warmup, args.repeats)[impl]
+            del model, fn
+            gc.collect()
+    return times, flops
+
+
 def bench_section(section: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Time one section interleaved in this process (+ memory in fresh processes if asked)."""
+    """Time one section in this process, interleaved (the SDXL UNet: one model at a time), + memory in
+    fresh processes if asked."""
     dtype = DTYPES[args.dtype]
     component = SECTIONS[section][0]
     row: dict[str, Any] = {"section": section, "workload": SECTIONS[section][1]}
@@ -284,21 +359,12 @@ def bench_section(section: str, args: argparse.Namespace) -> dict[str, Any]:
         row["ratio"] = row["median_ms"]["minidiff"] / row["median_ms"]["diffusers"]
         return row
 
-    with torch.no_grad():
-        models = {impl: load(impl, component, args.weights, args.device, dtype) for impl in IMPLS}
-        fns = {impl: workload(section, m, args.device, dtype) for impl, m in models.items()}
-        # FLOPs of one reference call (both implement the same maths, checked by tests/)
-        row["flops"] = count_flops(fns["diffusers"])
+    if component == "sdxl_unet":
         if args.compile:
-            # eager and compiled side by side; the first compiled call (compilation) is timed on its own
-            row["compile_s"] = {}
-            for impl in IMPLS:
-                fn = workload(section, compiled(models[impl]), args.device, dtype)
-                row["compile_s"][impl] = time_once(fn, args.device)
-                fns[f"{impl}+compile"] = fn
-        times = interleaved(fns, args.device, args.warmup, args.repeats)
-    del models, fns
-    gc.collect()
+            raise SystemExit("--compile is not offered for the SDXL UNet (two compiled 10 GB models)")
+        times, row["flops"] = one_at_a_time(section, args, dtype)
+    else:
+        times = side_by_side(section, args, dtype, row)
     row["times_s"] = times
     row["median_ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     row["gflops"] = {k: row["flops"] / v / 1e6 for k, v in row["median_ms"].items()}
@@ -354,6 +420,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--make-weights", type=Path, metavar="DIR", help="create random SD 1.5 weights in DIR and exit")
     p.add_argument("--weights", type=Path, default=Path("/tmp/minidiff-bench/sd15"))
+    p.add_argument("--sdxl-weights", type=Path, default=Path("/tmp/minidiff-bench/sdxl-base"))
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--only", default="unet32,vae256,text", help=f"comma-separated sections: {','.join(SECTIONS)}")
@@ -378,7 +445,11 @@ def main() -> None:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         p.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
-    make_weights(args.weights)  # no-op when present
+    # no-ops when present
+    if any(SECTIONS[s][0] != "sdxl_unet" for s in sections):
+        make_weights(args.weights)
+    if any(SECTIONS[s][0] == "sdxl_unet" for s in sections):
+        make_sdxl_weights(args.sdxl_weights)
     dtype = DTYPES[args.dtype]
     peaks = peak_gflops(args.device, dtype)
     print(f"measured peaks {args.dtype}: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
