@@ -14,7 +14,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_sd
+from conftest import TINY_COND_UNET, perturb, save_tiny_sd
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDCFGCutoffCallback
 from PIL import Image
 
@@ -54,6 +54,7 @@ def mask(h: int = 32, w: int = 32) -> Image.Image:
 
 
 EXTRA = {
+    "LatentConsistencyModelPipeline": {},
     "StableDiffusionPipeline": {},
     "StableDiffusionImg2ImgPipeline": dict(image=image(), strength=0.75),
     "StableDiffusionInpaintPipeline": dict(image=image(), mask_image=mask(), strength=0.9),
@@ -249,3 +250,63 @@ def test_vae_tiling_and_slicing_in_the_pipeline(loaded):
             pipe.vae.disable_slicing()
     plain, _ = run_both(loaded, "StableDiffusionPipeline", prompt=["a", "b"], height=64, width=48)
     assert np.abs(tiled - plain).max() > 1e-4  # the tiles were blended
+
+
+@pytest.fixture(scope="module")
+def lcm_unet_folder(tmp_path_factory):
+    """The tiny SD1 pipeline with an LCM-distilled UNet (time_cond_proj_dim) in place of its own."""
+    folder = save_tiny_sd(tmp_path_factory.mktemp("sd1-lcm-unet"), "sd1")
+    unet = diffusers.UNet2DConditionModel(**TINY_COND_UNET, sample_size=16, attention_head_dim=2, time_cond_proj_dim=16)
+    perturb(unet.eval(), seed=9, scale=0.02).save_pretrained(folder / "unet")
+    return folder
+
+
+@pytest.mark.parametrize("cls_name", CLASSES[:2])
+def test_lcm_unet_in_the_sd_pipelines(lcm_unet_folder, cls_name):
+    """diffusers' SD pipelines feed such a UNet the embedded guidance scale and run no unconditional pass."""
+    theirs = getattr(diffusers, cls_name).from_pretrained(lcm_unet_folder, safety_checker=None)
+    ours = getattr(minidiff, cls_name).from_pretrained(lcm_unet_folder)
+    theirs.scheduler = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
+    ours.scheduler = minidiff.LCMScheduler.from_config(ours.scheduler.config)
+    pair = {cls_name: (theirs, ours)}
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+    seen = {}
+
+    def record(lib):
+        def callback(pipe, i, t, kwargs):
+            seen.setdefault(lib, []).append((pipe.do_classifier_free_guidance, tuple(kwargs["prompt_embeds"].shape)))
+            return kwargs
+
+        return callback
+
+    names = ["latents", "prompt_embeds"]
+    run_both(pair, cls_name, guidance_scale=6.0, callback=record, callback_on_step_end_tensor_inputs=names)
+    assert seen["minidiff"] == seen["diffusers"] and seen["minidiff"][0] == (False, (1, 77, 32))
+    run_both(pair, cls_name, guidance_scale=1.5, num_inference_steps=2)
+
+
+class HalveDenoised(PipelineCallback):
+    tensor_inputs = ["latents", "denoised"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        return {"denoised": callback_kwargs["denoised"] * 0.5, "latents": callback_kwargs["latents"]}
+
+
+def test_lcm_pipeline_calling_api(lcm_unet_folder):
+    name = "LatentConsistencyModelPipeline"
+    theirs = diffusers.LatentConsistencyModelPipeline.from_pretrained(lcm_unet_folder, safety_checker=None)
+    ours = minidiff.LatentConsistencyModelPipeline.from_pretrained(lcm_unet_folder)
+    theirs.scheduler = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
+    ours.scheduler = minidiff.LCMScheduler.from_config(ours.scheduler.config)
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+    pair = {name: (theirs, ours)}
+    base, _ = run_both(pair, name, timesteps=[999, 759, 499, 259])
+    scaled, _ = run_both(pair, name, timesteps=[999, 759, 499, 259], cross_attention_kwargs={"scale": 0.5})
+    np.testing.assert_array_equal(base, scaled)
+    # diffusers' LCM pipeline ignores a PipelineCallback's own tensor_inputs (minidiff honours them): name them
+    halve = lambda lib: HalveDenoised(cutoff_step_ratio=0.5)  # noqa: E731
+    run_both(
+        pair, name, num_inference_steps=3, callback=halve, callback_on_step_end_tensor_inputs=["latents", "denoised"]
+    )
