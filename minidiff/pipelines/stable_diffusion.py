@@ -11,7 +11,8 @@ guidance scale, and let the scheduler take a step; decode the final latents with
 Img2img (stable_diffusion_img2img.py) and inpainting (stable_diffusion_inpaint.py) run their own
 copy of that loop from a noised image. The random generator is consumed in diffusers' order (VAE
 sample of an init image, then the latent noise, then per-step noise), so a seed gives diffusers'
-image.
+image. What a diffusers callback reads and changes during the loop (`pipe.guidance_scale`,
+`pipe.num_timesteps`, `pipe._interrupt`, the named tensors) is in calling.py.
 """
 
 from __future__ import annotations
