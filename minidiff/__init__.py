@@ -5,6 +5,9 @@ from pathlib import Path as _Path
 from .autoencoder_kl import AutoencoderKL
 from .clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from .pipelines import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
     DDPMPipeline,
     DiffusionPipeline,
     LatentConsistencyModelPipeline,
@@ -14,6 +17,7 @@ from .pipelines import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    VaeImageProcessor,
 )
 from .schedulers import (
     SCHEDULER_NAMES,
@@ -45,6 +49,9 @@ from .unet_2d_condition import UNet2DConditionModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPipelineForImage2Image",
+    "AutoPipelineForInpainting",
+    "AutoPipelineForText2Image",
     "AutoencoderKL",
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
@@ -80,6 +87,7 @@ __all__ = [
     "UNet2DConditionModel",
     "UNet2DModel",
     "UniPCMultistepScheduler",
+    "VaeImageProcessor",
     "DEFAULT_MODEL",
     "scheduler_from_name",
 ]

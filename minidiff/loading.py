@@ -5,8 +5,13 @@ Everything here is format plumbing shared by models, schedulers, tokenizers and 
   (or reading the local Hub cache) one file at a time so only the files needed are fetched;
 - `find_weight_files` picks ONE weight format: safetensors first, then `.bin` pickles,
   single file or sharded through `*.index.json`, honouring an optional `variant` ("fp16");
-- `read_state_dict` reads those files, pickles only via `torch.load(weights_only=True)`.
-Every failure names the file (or Hub id) it is about.
+- `read_state_dict` reads those files, pickles only via `torch.load(weights_only=True)`;
+- `download_pipeline` fetches the files of a whole pipeline from the Hub (or finds them in the cache)
+  as diffusers does, so its components then load from one local folder;
+- `save_weights` writes a state dict as diffusers / transformers do: one file, or shards below
+  `max_shard_size` with a `*.index.json` mapping each tensor to its shard.
+Hub keywords (`revision`, `token`, `cache_dir`, `force_download`) travel as one `hub` dict to
+huggingface_hub with its meaning. Every failure names the file (or Hub id) it is about.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import os
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
+
+from . import files
 
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _LFS_POINTER = b"version https://git-lfs"
@@ -70,6 +78,7 @@ def resolve_file(
     *,
     local_files_only: bool = False,
     required: bool = True,
+    hub: dict[str, Any] | None = None,
 ) -> Path | None:
     """Local path of `subfolder/filename` in a folder or a Hub repo; None if absent and not required.
     The path must stay inside the folder (or the repo's cache), symlinks followed: checked before
@@ -92,11 +101,20 @@ def resolve_file(
             f"{repo_id!r} is neither a local folder nor a Hugging Face Hub id of the form 'owner/name'"
         )
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = local_files_only or _hub_offline()
     try:
-        path = Path(hf_hub_download(repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only))
+        path = Path(
+            hf_hub_download(
+                repo_id, filename, subfolder=subfolder or None, local_files_only=local_files_only, **(hub or {})
+            )
+        )
     except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: catch it first)
         if required:
             where = "and the Hub is offline" if offline else "and the Hub could not be reached"
@@ -111,6 +129,9 @@ def resolve_file(
         return None
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"the Hub repo {repo_id} does not exist or is not accessible") from None
+    except RevisionNotFoundError:
+        revision = (hub or {}).get("revision")
+        raise FileNotFoundError(f"the Hub repo {repo_id} has no revision {revision!r}") from None
     _check_inside(path, path.parents[len(rel.parts) - 1], entry)  # the snapshot folder it came from
     return path
 
@@ -130,9 +151,10 @@ def load_config(
     subfolder: str | None = None,
     filename: str = "config.json",
     local_files_only: bool = False,
+    hub: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON config of a folder or Hub repo (and subfolder), as a plain dict."""
-    path = resolve_file(path_or_id, filename, subfolder, local_files_only=local_files_only)
+    path = resolve_file(path_or_id, filename, subfolder, local_files_only=local_files_only, hub=hub)
     return load_json(path)
 
 
@@ -144,36 +166,48 @@ def _with_variant(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+def weight_formats(use_safetensors: bool | None) -> tuple[str, ...]:
+    """diffusers' `use_safetensors`: True only safetensors, False only pickles, None both (safetensors first)."""
+    if use_safetensors not in (True, False, None):
+        raise TypeError(f"use_safetensors must be True, False or None, got {use_safetensors!r}")
+    return {True: ("safetensors",), False: ("bin",), None: ("safetensors", "bin")}[use_safetensors]
+
+
 def find_weight_files(
     path_or_id: str | os.PathLike,
     subfolder: str | None = None,
     weight_names: tuple[str, ...] = ("diffusion_pytorch_model",),
     variant: str | None = None,
     local_files_only: bool = False,
+    use_safetensors: bool | None = None,
+    hub: dict[str, Any] | None = None,
 ) -> list[Path]:
     """The files of one weight format: safetensors before pickles, a single file before shards."""
     tried = []
-    for ext in ("safetensors", "bin"):
+
+    def get(name: str, required: bool = False) -> Path | None:
+        return resolve_file(path_or_id, name, subfolder, local_files_only=local_files_only, required=required, hub=hub)
+
+    for ext in weight_formats(use_safetensors):
         for name in weight_names:
             single = _with_variant(f"{name}.{ext}", variant)
             tried.append(single)
-            path = resolve_file(path_or_id, single, subfolder, local_files_only=local_files_only, required=False)
+            path = get(single)
             if path is not None:
                 return [path]
             index_name = _with_variant(f"{name}.{ext}.index.json", variant)
             tried.append(index_name)
-            index = resolve_file(path_or_id, index_name, subfolder, local_files_only=local_files_only, required=False)
+            index = get(index_name)
             if index is not None:
                 weight_map = load_json(index).get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise CheckpointError(f"{index} has no 'weight_map'")
                 # every name checked before any shard is looked up or opened
                 shards = sorted({check_entry(v, f"the weight_map of {index} ({k!r})") for k, v in weight_map.items()})
-                return [
-                    resolve_file(path_or_id, shard, subfolder, local_files_only=local_files_only) for shard in shards
-                ]
+                return [get(shard, required=True) for shard in shards]  # type: ignore[misc]
     where = f"{path_or_id}" + (f"/{subfolder}" if subfolder else "")
-    raise FileNotFoundError(f"no weights in {where}: looked for {', '.join(tried)}")
+    only = {True: " (use_safetensors=True: safetensors only)", False: " (use_safetensors=False: pickles only)"}
+    raise FileNotFoundError(f"no weights in {where}{only.get(use_safetensors, '')}: looked for {', '.join(tried)}")
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
@@ -190,7 +224,9 @@ def read_tensors(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: fetch the real file (git lfs pull)")
     is_pickle_like = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
     if path.suffix == ".safetensors":
-        if is_pickle_like:
+        # a safetensors file opens with its header's length (8 bytes, little-endian) then the JSON header:
+        # that length may well start with byte 0x80, so only a file without the '{' is taken for a pickle
+        if is_pickle_like and head[8:9] != b"{":
             raise CheckpointError(f"{path} is named .safetensors but holds a pickle/zip archive; refusing it")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -226,3 +262,207 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{path}: {key!r} is a {type(value).__name__}, not a tensor")
             state[key] = value
     return state
+
+
+# -- the Hub: a whole pipeline at once --------------------------------------------------------
+
+# formats diffusers never reads into PyTorch: not downloaded
+_FOREIGN_FORMATS = ("*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "*.ot", "*.ckpt", "*.pt")
+
+
+def _component_weight_patterns(
+    name: str, listing: list[str] | None, use_safetensors: bool | None, variant: str | None
+) -> list[str]:
+    """The weight files of the component folder `name` worth downloading. With the repo's file list
+    (online) one format and variant is picked as find_weight_files will; offline every match is allowed
+    (nothing is downloaded then, the cache is only read)."""
+    formats = weight_formats(use_safetensors)
+    if listing is not None:
+        present = [f for f in listing if f.startswith(f"{name}/")]
+        formats = tuple(ext for ext in formats if any(f.endswith(f".{ext}") for f in present))[:1] or formats[:1]
+        if variant and not any(f".{variant}." in f or f".{variant}-" in f for f in present):
+            variant = None  # find_weight_files will then report the missing variant by name
+    tag = f"{variant}" if variant else ""
+    patterns = []
+    for ext in formats:
+        if tag:
+            patterns += [f"{name}/*.{tag}.{ext}", f"{name}/*.{tag}-*.{ext}", f"{name}/*.{ext}.index.{tag}.json"]
+        else:
+            patterns += [f"{name}/*.{ext}", f"{name}/*.{ext}.index.json"]
+    return patterns
+
+
+def download_pipeline(
+    repo_id: str,
+    components: list[str],
+    *,
+    use_safetensors: bool | None = None,
+    variant: str | None = None,
+    local_files_only: bool = False,
+    hub: dict[str, Any] | None = None,
+) -> Path:
+    """The local snapshot folder of a Hub pipeline, holding model_index.json and, for each named
+    component folder, its configs / tokenizer files and the weights of one format (diffusers'
+    `DiffusionPipeline.download`). Offline (HF_HUB_OFFLINE=1 or local_files_only) it reads the cache."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    hub = dict(hub or {})
+    offline = local_files_only or _hub_offline()
+    listing = None
+    if not offline:
+        api_keys = {k: hub[k] for k in ("revision", "token") if k in hub}
+        try:
+            listing = HfApi().list_repo_files(repo_id, **api_keys)
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise
+        except Exception:  # no connection: the cache may still hold it, as diffusers falls back
+            offline = True
+    patterns = ["model_index.json"]
+    for name in components:
+        check_entry(name, f"the component folder asked of {repo_id}")
+        patterns += [f"{name}/*.json", f"{name}/*.txt", f"{name}/*.model"]
+        patterns += _component_weight_patterns(name, listing, use_safetensors, variant)
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=patterns,
+            ignore_patterns=list(_FOREIGN_FORMATS),
+            local_files_only=offline,
+            **hub,
+        )
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"the Hub repo {repo_id} does not exist or is not accessible") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"the Hub repo {repo_id} has no revision {hub.get('revision')!r}") from None
+    except LocalEntryNotFoundError:
+        revision = hub.get("revision") or "main"
+        raise FileNotFoundError(
+            f"the Hub repo {repo_id} (revision {revision!r}) is not in the local Hugging Face cache "
+            f"({hub.get('cache_dir') or os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface'}) and the Hub is "
+            f"{'offline' if local_files_only or _hub_offline() else 'not reachable'}"
+        ) from None
+    return Path(folder)
+
+
+# -- saving, as diffusers / transformers write ---------------------------------------------------
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """`max_shard_size`: bytes as an int, or a string such as "5GB" (10^9) / "500MiB" (2^20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())):
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"])
+    else:
+        raise ValueError(f"max_shard_size must be a number of bytes or a size such as '5GB', got {size!r}")
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _split_shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Keys in order into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_weights(
+    state_dict: dict[str, torch.Tensor],
+    folder: Path,
+    stem: str,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
+    """Write `stem[.variant].safetensors` (or `.bin`), or, past max_shard_size, the shards
+    `stem[.variant]-00001-of-0000N.ext` and `stem.ext.index[.variant].json` (diffusers' and transformers'
+    names). Weight files of the same stem, format and variant left from an earlier save are removed,
+    so a loader never picks a stale single file over the new shards (diffusers does the same)."""
+    ext = "safetensors" if safe_serialization else "bin"
+    base = stem + (f".{variant}" if variant else "")
+    shards = _split_shards(state_dict, parse_size(max_shard_size)) if max_shard_size is not None else [state_dict]
+    names = (
+        [f"{base}.{ext}"]
+        if len(shards) == 1
+        else [f"{base}-{i:05d}-of-{len(shards):05d}.{ext}" for i in range(1, len(shards) + 1)]
+    )
+    written = []
+    for name, shard in zip(names, shards, strict=True):
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            with files.atomic_file(folder / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
+        else:
+            files.torch_save(shard, folder / name)
+        written.append(folder / name)
+    index_name = _with_variant(f"{stem}.{ext}.index.json", variant)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        written.append(files.write_text(folder / index_name, json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    stale = re.compile(rf"{re.escape(base)}(-\d{{5}}-of-\d{{5}})?\.{ext}|{re.escape(index_name)}")
+    for old in folder.iterdir():
+        if stale.fullmatch(old.name) and old not in written:
+            old.unlink()
+    return written
+
+
+# -- diffusers' from_pretrained keywords ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The keywords diffusers' `from_pretrained` takes for reading files (models and pipelines alike)."""
+
+    dtype: torch.dtype | None = None
+    variant: str | None = None
+    use_safetensors: bool | None = None
+    local_files_only: bool = False
+    hub: dict[str, Any] = field(default_factory=dict)  # revision, token, cache_dir, force_download
+
+    @classmethod
+    def pop(cls, kwargs: dict[str, Any], what: str) -> LoadOptions:
+        """Take the loading keywords out of `kwargs` (what is left is for the caller to judge).
+
+        `dtype` is diffusers' new name of `torch_dtype` (both: an error, as diffusers' pipelines raise);
+        `use_auth_token` the older spelling of `token`; `low_cpu_mem_usage` is accepted either way,
+        minidiff always builds on the meta device and adopts the loaded tensors (no random init)."""
+        torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+        if torch_dtype is not None and dtype is not None:
+            raise ValueError(f"{what}: pass `dtype` or `torch_dtype` (its older name), not both")
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{what}: dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"{what}: dtype must be a floating-point type, got {dtype}")
+        token, old_token = kwargs.pop("token", None), kwargs.pop("use_auth_token", None)
+        if token is not None and old_token is not None and token != old_token:
+            raise ValueError(f"{what}: pass `token` or `use_auth_token` (its older name), not both")
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", True)
+        if not isinstance(low_cpu_mem_usage, bool):
+            raise TypeError(f"{what}: low_cpu_mem_usage must be True or False, got {low_cpu_mem_usage!r}")
+        hub = {"token": token if token is not None else old_token}
+        hub |= {k: kwargs.pop(k, None) for k in ("revision", "cache_dir")}
+        hub["force_download"] = kwargs.pop("force_download", False)
+        variant = kwargs.pop("variant", None)
+        if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w\-]+", variant)):
+            raise ValueError(f"{what}: variant must be a short name such as 'fp16', got {variant!r}")
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        weight_formats(use_safetensors)  # checks the value
+        local_files_only = bool(kwargs.pop("local_files_only", False))
+        hub = {k: v for k, v in hub.items() if v not in (None, False)}
+        return cls(dtype, variant, use_safetensors, local_files_only, hub)

@@ -10,6 +10,7 @@ Original LDM single files go through minidiff.ldm_file, which needs only the cla
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any, ClassVar
@@ -20,7 +21,18 @@ from torch import nn
 from weights_conversion import ModelFormat
 
 from . import fast, files, ldm_file
-from .loading import find_weight_files, load_config, read_state_dict
+from .layers import Attention
+from .loading import LoadOptions, find_weight_files, load_config, parse_size, read_state_dict, save_weights
+
+# diffusers' processors that compute plain softmax attention, as minidiff's SDPA does
+SDPA_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+
+
+class AttnProcessor2_0:
+    """What `attn_processors` reports for each layer: attention through torch's SDPA (diffusers' name)."""
+
+    def __repr__(self) -> str:
+        return "AttnProcessor2_0()"
 
 
 class ModelMixin(nn.Module):
@@ -70,23 +82,26 @@ class ModelMixin(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        subfolder: str | None = None,
-        torch_dtype: torch.dtype | None = None,
-        variant: str | None = None,
-        local_files_only: bool = False,
-        **unused: Any,
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
     ):
-        """Load a diffusers / transformers folder (or Hub id): config, then one weight format."""
+        """Load a diffusers / transformers folder (or Hub id): config, then one weight format.
+
+        Keywords as diffusers: `dtype` (or its older name `torch_dtype`), `variant`, `use_safetensors`
+        (True: safetensors only, False: pickles only, None: safetensors first), `local_files_only`, and
+        for Hub ids `revision`, `token` (`use_auth_token`), `cache_dir`, `force_download`.
+        `low_cpu_mem_usage` is accepted either way: minidiff always builds on the meta device."""
+        opts = LoadOptions.pop(kwargs, f"{cls.__name__}.from_pretrained")
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unknown arguments {sorted(kwargs)}")
         where = str(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
-        raw = load_config(pretrained_model_name_or_path, subfolder, cls.config_name, local_files_only)
+        path, local_only, hub = pretrained_model_name_or_path, opts.local_files_only, opts.hub
+        raw = load_config(path, subfolder, cls.config_name, local_only, hub=hub)
         config = cls._config_from_dict(raw)
         files = find_weight_files(
-            pretrained_model_name_or_path, subfolder, cls.weights_names, variant, local_files_only
+            path, subfolder, cls.weights_names, opts.variant, local_only, opts.use_safetensors, hub=hub
         )
         state_dict = read_state_dict(files)
-        return cls.from_foreign_state_dict(config, state_dict, torch_dtype, what=f"{cls.__name__} weights in {where}")
+        return cls.from_foreign_state_dict(config, state_dict, opts.dtype, what=f"{cls.__name__} weights in {where}")
 
     @classmethod
     def from_foreign_state_dict(
@@ -129,22 +144,108 @@ class ModelMixin(nn.Module):
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
         variant: str | None = None,
+        max_shard_size: int | str | None = None,
         overwrite: bool | None = None,
     ) -> None:
-        """Write config.json + weights in the diffusers / transformers layout (loadable by them).
-        Every file is written atomically; `overwrite` as minidiff.files.output_folder: None writes into
-        an existing folder as diffusers does, True replaces the whole folder, False refuses one."""
+        """Write config.json + weights in the diffusers / transformers layout (loadable by them):
+        `variant` names the files `*.fp16.*`, `max_shard_size` (bytes or "5GB"; default as diffusers
+        "10GB", transformers "50GB") splits them into shards with a `*.index.json`. Every file is written
+        atomically; `overwrite` as minidiff.files.output_folder: None writes into an existing folder as
+        diffusers does, True replaces the whole folder, False refuses one."""
         fmt = self.weights_format
         state_dict = {k: v.detach().contiguous() for k, v in fmt.export(self.state_dict(), self.config).items()}
         stem = self.weights_names[0] if safe_serialization else self.weights_names[-1]
-        name = stem + (f".{variant}" if variant else "")
         config = json.dumps(fmt.config_to_dict(self.config), indent=2, sort_keys=True) + "\n"
+        if max_shard_size is None:  # the library's default: diffusers 10GB, transformers 50GB
+            max_shard_size = "50GB" if self.weights_names[0] == "model" else "10GB"
+        parse_size(max_shard_size)  # a bad size refused before anything is written
         with files.output_folder(save_directory, overwrite, marker=self.config_name) as out:
-            if safe_serialization:
-                from safetensors.torch import save_file
-
-                with files.atomic_file(out / f"{name}.safetensors") as tmp:
-                    save_file(state_dict, str(tmp), metadata={"format": "pt"})
-            else:
-                files.torch_save(state_dict, out / f"{name}.bin")
+            save_weights(state_dict, out, stem, safe_serialization, variant, max_shard_size)
             files.write_text(out / self.config_name, config)
+
+    # -- attention: always SDPA; diffusers' processor and slicing calls ----------------------------
+
+    def _attention_modules(self) -> dict[str, Attention]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, Attention)}
+
+    def set_attention_slice(self, slice_size: str | int | list[int | None] | None = "auto") -> None:
+        """Compute attention in slices of `slice_size` (batch x head) rows, as diffusers'
+        SlicedAttnProcessor: "auto" halves each layer's heads, "max" one row at a time, an int for every
+        layer, a list one per attention layer, None turns slicing off. Same result, less peak memory."""
+        modules = list(self._attention_modules().values())
+        if slice_size == "auto":
+            sizes: list[int | None] = [max(m.heads // 2, 1) for m in modules]
+        elif slice_size == "max":
+            sizes = [1] * len(modules)
+        elif isinstance(slice_size, list):
+            if len(slice_size) != len(modules):
+                raise ValueError(
+                    f"{type(self).__name__} has {len(modules)} attention layers, got {len(slice_size)} slice sizes"
+                )
+            sizes = slice_size
+        else:
+            sizes = [slice_size] * len(modules)
+        for size, module in zip(sizes, modules, strict=True):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ValueError(
+                    f"slice_size must be 'auto', 'max', a positive int, a list of them or None, got {size!r}"
+                )
+            if size is not None and size > module.heads:
+                raise ValueError(f"slice_size {size} has to be smaller or equal to {module.heads}.")
+        for size, module in zip(sizes, modules, strict=True):
+            module.slice_size = size
+
+    @property
+    def attn_processors(self) -> dict[str, AttnProcessor2_0]:
+        """diffusers' view of the attention layers: every one runs PyTorch's SDPA (AttnProcessor2_0).
+        The keys are minidiff's module names (`<module>.processor`)."""
+        return {f"{name}.processor": AttnProcessor2_0() for name in self._attention_modules()}
+
+    def set_attn_processor(self, processor: Any) -> None:
+        """Accepts diffusers' AttnProcessor / AttnProcessor2_0 (one, or a dict with one per layer): both
+        compute softmax(QK^T/sqrt(d))V, which minidiff does with SDPA already, so nothing changes.
+        Any other processor (xformers, IP-adapter, custom code) is refused: minidiff cannot run it."""
+        count = len(self._attention_modules())
+        if isinstance(processor, dict):
+            if len(processor) != count:
+                raise ValueError(
+                    f"{type(self).__name__} has {count} attention layers; the dict of processors has "
+                    f"{len(processor)} (pass one per layer, e.g. keyed as in `attn_processors`)"
+                )
+            processors = list(processor.values())
+        else:
+            processors = [processor]
+        for p in processors:
+            name = type(p).__name__
+            if name not in SDPA_PROCESSORS or not type(p).__module__.startswith(("diffusers", "minidiff")):
+                raise ValueError(
+                    f"minidiff runs every attention layer with PyTorch's scaled_dot_product_attention and takes only "
+                    f"the processors that compute the same ({', '.join(SDPA_PROCESSORS)}); got "
+                    f"{type(p).__module__}.{name}"
+                )
+
+    def set_default_attn_processor(self) -> None:
+        """diffusers' reset to plain attention: minidiff's attention is always plain SDPA (a no-op)."""
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Any = None) -> None:
+        """Fails as diffusers does without xformers (or without CUDA). minidiff always uses PyTorch's
+        scaled_dot_product_attention, whose memory-efficient and flash kernels do the same job, so with
+        xformers installed this changes nothing."""
+        check_xformers()
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        """A no-op: minidiff's attention is SDPA either way."""
+
+
+def check_xformers() -> None:
+    """What diffusers raises on `enable_xformers_memory_efficient_attention()` without xformers / CUDA."""
+    if importlib.util.find_spec("xformers") is None:
+        raise ModuleNotFoundError(
+            "Refer to https://github.com/facebookresearch/xformers for more information on how to install xformers",
+            name="xformers",
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "torch.cuda.is_available() should be True but is False. xformers' memory efficient attention is only "
+            "available for GPU "
+        )

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import numpy_to_pil
+from ..config import FrozenDict
 from .checks import check_size
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor | list
@@ -33,6 +33,16 @@ ImageInput = Image.Image | np.ndarray | torch.Tensor | list
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(">u2"): 65535.0}
 _TOLERANCE = 1e-3  # float rounding may leave [0, 1] by a hair
+
+
+def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
+    """(B, H, W, C) floats in [0, 1] -> PIL images, rounding as diffusers does."""
+    if images.ndim == 3:
+        images = images[None]
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [Image.fromarray(im.squeeze(-1), mode="L") for im in images]
+    return [Image.fromarray(im) for im in images]
 
 
 def _as_list(image: ImageInput, what: str) -> list:
@@ -213,3 +223,142 @@ def postprocess_image(image: torch.Tensor, output_type: str) -> Any:
         return image
     array = image.cpu().permute(0, 2, 3, 1).float().numpy()
     return array if output_type == "np" else numpy_to_pil(array)
+
+
+class VaeImageProcessor:
+    """diffusers' VaeImageProcessor for scripts that call `pipe.image_processor`: `preprocess` reads
+    images as the pipelines do (preprocess_image above, with its stricter reading of odd inputs),
+    `postprocess` is the pipelines' own last step, and the static conversions keep diffusers' numerics.
+
+    The mask processor of inpainting is the same class with do_normalize=False, do_binarize=True,
+    do_convert_grayscale=True."""
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        vae_scale_factor: int = 8,
+        vae_latent_channels: int = 4,
+        resample: str = "lanczos",
+        reducing_gap: int | None = None,
+        do_normalize: bool = True,
+        do_binarize: bool = False,
+        do_convert_rgb: bool = False,
+        do_convert_grayscale: bool = False,
+    ) -> None:
+        if do_convert_rgb and do_convert_grayscale:
+            raise ValueError("do_convert_rgb and do_convert_grayscale cannot both be True")
+        if (resample, reducing_gap, do_resize) != ("lanczos", None, True):
+            raise ValueError(
+                "minidiff's VaeImageProcessor resizes with Lanczos only (resample='lanczos', do_resize=True)"
+            )
+        mask = (do_normalize, do_binarize, do_convert_grayscale) == (False, True, True)
+        image = (do_normalize, do_binarize, do_convert_grayscale) == (True, False, False)
+        if not (mask or image):
+            raise ValueError(
+                "minidiff's VaeImageProcessor is either an image processor (do_normalize=True) or a mask processor "
+                "(do_normalize=False, do_binarize=True, do_convert_grayscale=True)"
+            )
+        self.config = FrozenDict(
+            do_resize=do_resize,
+            vae_scale_factor=vae_scale_factor,
+            vae_latent_channels=vae_latent_channels,
+            resample=resample,
+            reducing_gap=reducing_gap,
+            do_normalize=do_normalize,
+            do_binarize=do_binarize,
+            do_convert_rgb=do_convert_rgb,
+            do_convert_grayscale=do_convert_grayscale,
+        )
+
+    def preprocess(
+        self,
+        image: ImageInput,
+        height: int | None = None,
+        width: int | None = None,
+        resize_mode: str = "default",
+        crops_coords: tuple[int, int, int, int] | None = None,
+    ) -> torch.Tensor:
+        """-> (B, C, H, W) float32: an image in [-1, 1], a mask binarised to {0, 1}; sizes rounded down to a
+        multiple of vae_scale_factor. Only diffusers' default resize (no fill / crop modes)."""
+        if resize_mode != "default" or crops_coords is not None:
+            raise NotImplementedError("minidiff's preprocess has only resize_mode='default' and no crops_coords")
+        mask = self.config.do_binarize
+        return preprocess_image(image, height, width, self.config.vae_scale_factor, mask=mask)
+
+    def postprocess(
+        self, image: torch.Tensor, output_type: str = "pil", do_denormalize: list[bool] | None = None
+    ) -> Any:
+        """(B, C, H, W) VAE output -> "latent" (as is) / "pt" / "np" / "pil", in [0, 1]."""
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"postprocess takes a (B, C, H, W) torch tensor, got {type(image).__name__}")
+        if output_type not in ("latent", "pt", "np", "pil"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if output_type == "latent":
+            return image
+        if do_denormalize is None and self.config.do_normalize:
+            return postprocess_image(image, output_type)  # the pipelines' own numbers
+        flags = do_denormalize if do_denormalize is not None else [False] * image.shape[0]
+        image = torch.stack([self.denormalize(x) if flag else x for x, flag in zip(image, flags, strict=True)])
+        if output_type == "pt":
+            return image
+        array = self.pt_to_numpy(image)
+        return array if output_type == "np" else numpy_to_pil(array)
+
+    def get_default_height_width(
+        self, image: Image.Image | np.ndarray | torch.Tensor, height: int | None = None, width: int | None = None
+    ) -> tuple[int, int]:
+        """The image's size (or the one given), rounded down to a multiple of vae_scale_factor."""
+        if isinstance(image, Image.Image):
+            h, w = image.height, image.width
+        elif isinstance(image, torch.Tensor):
+            h, w = image.shape[2], image.shape[3]
+        else:
+            h, w = image.shape[1], image.shape[2]
+        f = self.config.vae_scale_factor
+        height, width = height or h, width or w
+        return height - height % f, width - width % f
+
+    numpy_to_pil = staticmethod(numpy_to_pil)
+
+    @staticmethod
+    def pil_to_numpy(images: Image.Image | list[Image.Image]) -> np.ndarray:
+        """PIL image(s) -> (B, H, W, C) float32 in [0, 1] (8-bit images, as diffusers)."""
+        images = images if isinstance(images, list) else [images]
+        return np.stack([np.array(im).astype(np.float32) / 255.0 for im in images])
+
+    @staticmethod
+    def numpy_to_pt(images: np.ndarray) -> torch.Tensor:
+        """(B, H, W, C) or (B, H, W) -> (B, C, H, W)."""
+        if images.ndim == 3:
+            images = images[..., None]
+        return torch.from_numpy(images.transpose(0, 3, 1, 2))
+
+    @staticmethod
+    def pt_to_numpy(images: torch.Tensor) -> np.ndarray:
+        """(B, C, H, W) -> (B, H, W, C) float numpy."""
+        return images.cpu().permute(0, 2, 3, 1).float().numpy()
+
+    @staticmethod
+    def normalize(images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """[0, 1] -> [-1, 1]."""
+        return 2.0 * images - 1.0
+
+    @staticmethod
+    def denormalize(images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """[-1, 1] -> [0, 1], clamped (the same numbers as the pipelines' postprocess)."""
+        return (images / 2 + 0.5).clamp(0, 1) if isinstance(images, torch.Tensor) else (images / 2 + 0.5).clip(0, 1)
+
+    @staticmethod
+    def convert_to_rgb(image: Image.Image) -> Image.Image:
+        return image.convert("RGB")
+
+    @staticmethod
+    def convert_to_grayscale(image: Image.Image) -> Image.Image:
+        return image.convert("L")
+
+    @staticmethod
+    def binarize(image: torch.Tensor) -> torch.Tensor:
+        """Values below 0.5 -> 0, the rest -> 1 (in place, as diffusers)."""
+        image[image < 0.5] = 0
+        image[image >= 0.5] = 1
+        return image
