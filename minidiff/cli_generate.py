@@ -3,6 +3,8 @@ and helpers every command shares (argument checks before any model loads, one-li
 
 minidiff generate "a red circle on a white background" --output circle.png
 minidiff generate --prompts prompts.jsonl --outdir out/ --batch-size 4
+minidiff generate "a lighthouse at dusk" --model stabilityai/stable-diffusion-xl-base-1.0 \\
+    --refiner stabilityai/stable-diffusion-xl-refiner-1.0 --steps 40
 """
 
 from __future__ import annotations
@@ -10,17 +12,22 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from weights_conversion import ConversionError
+
 from . import DEFAULT_MODEL, files
 from .batch import SCHEDULER_ALIASES, BatchError, World, dtype_name, generate_many, load_items, preflight
 from .files import DestinationError
+from .ldm_file import SingleFile, read_single_file
 from .loading import CheckpointError, load_config
-from .pipelines import StableDiffusionPipeline
+from .pipelines import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from .schedulers.names import NAMES_HELP, scheduler_from_name, scheduler_options
+from .single_file import load_pipeline
 
 MAX_SEED = 2**63  # seeds are in [0, 2**63), as in a prompt file
 
@@ -84,6 +91,9 @@ def check_numbers(cmd: str, args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and (value < 8 or value % 8):
             raise CLIError(f"minidiff {cmd}: --{name} must be a positive multiple of 8, got {value}")
+    split = getattr(args, "refiner_split", None)
+    if split is not None and not 0 < split < 1:
+        raise CLIError(f"minidiff {cmd}: --refiner-split must be between 0 and 1, got {split}")
     guidance = getattr(args, "guidance", None)
     if guidance is not None and not math.isfinite(guidance):
         raise CLIError(f"minidiff {cmd}: --guidance must be a finite number, got {guidance}")
@@ -96,9 +106,9 @@ def check_numbers(cmd: str, args: argparse.Namespace) -> None:
         pick_scheduler(args.scheduler)
 
 
-def check_model(cmd: str, model: str, unet_class: str, local_files_only: bool) -> None:
+def check_model(cmd: str, model: str, unet_class: str, local_files_only: bool) -> dict:
     """Read model_index.json first: a missing folder, or a DDPM folder given to `generate` (an SD
-    folder to `ddpm`), is a one-line error before any weight loads."""
+    folder to `ddpm`), is a one-line error before any weight loads. Returns the index."""
     try:
         index = load_config(model, None, "model_index.json", local_files_only)
     except (FileNotFoundError, CheckpointError) as e:
@@ -111,6 +121,48 @@ def check_model(cmd: str, model: str, unet_class: str, local_files_only: bool) -
             f"minidiff {cmd}: {model} is a {index.get('_class_name')} folder (its unet is a {found}); "
             f"`minidiff {cmd}` needs a {unet_class}" + (f" (try `{other}`)" if found else "")
         )
+    return index
+
+
+# what --model / --refiner hold -> the pipeline that runs them
+FAMILY_PIPELINES = {
+    "sd": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sdxl-refiner": StableDiffusionXLImg2ImgPipeline,
+}
+
+
+@dataclass
+class ModelSource:
+    """A --model or --refiner: a pipeline folder or Hub id, or a single file (read once, here)."""
+
+    name: str
+    family: str  # "sd" (1.x / 2.x), "sdxl" or "sdxl-refiner", as ldm_file names single files
+    local_files_only: bool
+    single_file: SingleFile | None = None
+
+    def load(self) -> StableDiffusionPipeline:
+        cls = FAMILY_PIPELINES[self.family]
+        if self.single_file is not None:
+            return load_pipeline(cls, self.single_file)
+        return cls.from_pretrained(self.name, local_files_only=self.local_files_only)
+
+
+def find_model(cmd: str, model: str, local_files_only: bool) -> ModelSource:
+    """Which kind of Stable Diffusion `model` is, read before any weight loads: a .safetensors / .ckpt
+    file by its keys, a folder by model_index.json (SDXL has a text_encoder_2; the refiner conditions on
+    an aesthetic score, requires_aesthetics_score)."""
+    if Path(model).is_file():
+        try:
+            f = read_single_file(model)
+        except (CheckpointError, ConversionError, ValueError) as e:
+            raise CLIError(f"minidiff {cmd}: {e}") from None  # main prints it on one line
+        return ModelSource(model, f.family, local_files_only, f)
+    index = check_model(cmd, model, "UNet2DConditionModel", local_files_only)
+    family = "sd"
+    if index.get("text_encoder_2") not in (None, [None, None]):
+        family = "sdxl-refiner" if index.get("requires_aesthetics_score") else "sdxl"
+    return ModelSource(model, family, local_files_only)
 
 
 def pick_scheduler(name: str, config: dict | None = None) -> object:
@@ -133,8 +185,8 @@ def _set_threads(threads: int | None, ranks_here: int) -> None:
 
 
 def _model_name(model: str) -> str:
-    """A local folder by its absolute path (the same from any working directory), a Hub id as given."""
-    return str(Path(model).resolve()) if Path(model).is_dir() else model
+    """A local folder or file by its absolute path (the same from any working directory), a Hub id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -148,28 +200,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
     output = args.output or "minidiff.png"
     check_output("generate", output, args.num_images)
     model = args.model or DEFAULT_MODEL  # the bundled toy model: offline, 64x64, shapes
-    local_only = args.local_files_only or model == DEFAULT_MODEL
-    check_model("generate", model, "UNet2DConditionModel", local_only)
+    base = find_model("generate", model, args.local_files_only or model == DEFAULT_MODEL)
+    refiner = _check_refiner(args, base)
     _set_threads(args.threads, 1)
-    pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=local_only)
-    if args.scheduler:
-        pipe.scheduler = pick_scheduler(args.scheduler, pipe.scheduler.config)
-    pipe.to(args.device, parse_dtype(args.dtype))
+    pipe = _load(base, args)
     # a CPU generator: the same seed gives the same image as the Python API (and as diffusers)
     generator = torch.Generator().manual_seed(args.seed)
-    images = pipe(
-        args.prompt,
+    call = dict(
         negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        guidance_scale=_guidance(args, base),
         num_images_per_prompt=args.num_images,
         generator=generator,
-    ).images
+    )
+    if refiner is None:
+        images = pipe(args.prompt, height=args.height, width=args.width, **call).images
+    else:  # base then refiner, diffusers' "ensemble of experts": the base stops at the split, the refiner goes on
+        split = args.refiner_split
+        latents = pipe(
+            args.prompt, height=args.height, width=args.width, denoising_end=split, output_type="latent", **call
+        ).images
+        del pipe  # one pipeline in memory at a time
+        images = _load(refiner, args)(args.prompt, image=latents, denoising_start=split, **call).images
     for path in save_images(images, output):
         print(path)
     return 0
+
+
+def _check_refiner(args: argparse.Namespace, base: ModelSource) -> ModelSource | None:
+    """--model must be a base model; --refiner an SDXL refiner (or base) after an SDXL --model."""
+    if base.family == "sdxl-refiner":
+        raise CLIError(
+            f"minidiff generate: {base.name} is an SDXL refiner, which refines an image: give it as --refiner, "
+            f"with an SDXL base model as --model"
+        )
+    if args.refiner is None:
+        return None
+    if base.family != "sdxl":
+        raise CLIError(f"minidiff generate: --refiner goes with an SDXL base model; {base.name} is SD 1.x / 2.x")
+    refiner = find_model("generate", args.refiner, args.local_files_only)
+    if refiner.family == "sd":
+        raise CLIError(f"minidiff generate: --refiner {args.refiner} is SD 1.x / 2.x, not an SDXL model")
+    return refiner
+
+
+def _load(source: ModelSource, args: argparse.Namespace) -> StableDiffusionPipeline:
+    """The pipeline, with --scheduler swapped in, on --device in --dtype."""
+    pipe = source.load()
+    if args.scheduler:
+        pipe.scheduler = pick_scheduler(args.scheduler, pipe.scheduler.config)
+    return pipe.to(args.device, parse_dtype(args.dtype))
+
+
+def _guidance(args: argparse.Namespace, source: ModelSource) -> float:
+    """--guidance, else the pipeline's own default: 5.0 for SDXL, 7.5 for SD 1.x / 2.x (as diffusers)."""
+    if args.guidance is not None:
+        return args.guidance
+    return 7.5 if source.family == "sd" else 5.0
 
 
 def cmd_generate_many(args: argparse.Namespace) -> int:
@@ -197,7 +284,10 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
         "dtype": dtype_name(dtype),
         "device": device.type,
     }
-    defaults = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance)
+    if args.refiner is not None:
+        raise CLIError("minidiff generate: --refiner makes one image per call; it does not go with --prompts")
+    source = find_model("generate", model, args.local_files_only or model == DEFAULT_MODEL)
+    defaults = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance=_guidance(args, source))
     try:
         items = load_items(
             args.prompts, seed=args.seed, height=args.height, width=args.width, scheduler=scheduler, **defaults
@@ -205,7 +295,6 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
         preflight(args.outdir, items, run, int(os.environ.get("WORLD_SIZE", "1")), args.resume)
     except BatchError as e:
         raise CLIError(f"minidiff generate: {e}") from None
-    check_model("generate", model, "UNet2DConditionModel", args.local_files_only or model == DEFAULT_MODEL)
 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
@@ -213,10 +302,7 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
     started = not dist.is_initialized()
     world = World.init(device.type)  # torchrun's process group, or the world of one
     _set_threads(args.threads, world.local_size)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, local_files_only=args.local_files_only or model == DEFAULT_MODEL
-    )
-    pipe.to(device, dtype)
+    pipe = source.load().to(device, dtype)
     try:
         summary = generate_many(
             pipe,
@@ -243,16 +329,36 @@ def add_generate_parser(sub: argparse._SubParsersAction, common: argparse.Argume
     p = sub.add_parser(
         "generate",
         parents=[common],
-        help="text to image with a Stable Diffusion pipeline folder or Hub id",
+        help="text to image with Stable Diffusion 1.x / 2.x / XL (a pipeline folder, Hub id or single file)",
         epilog="Short names: " + ", ".join(f"{k} ({v})" for k, v in SCHEDULER_ALIASES.items()) + ". " + NAMES_HELP,
     )
     p.add_argument("prompt", nargs="?", help="the text (or --prompts FILE for many images)")
     p.add_argument(
-        "--model", help="pipeline folder or Hub id (default: the bundled shapes model, minidiff.DEFAULT_MODEL)"
+        "--model",
+        help="pipeline folder, Hub id or single .safetensors / .ckpt file: SD 1.x / 2.x or SDXL base "
+        "(default: the bundled shapes model, minidiff.DEFAULT_MODEL)",
+    )
+    p.add_argument(
+        "--refiner",
+        metavar="MODEL",
+        help="an SDXL refiner (folder, Hub id or single file) to finish the SDXL --model's image: the base "
+        "denoises until --refiner-split, the refiner from there (diffusers' ensemble of experts)",
+    )
+    p.add_argument(
+        "--refiner-split",
+        type=float,
+        default=0.8,
+        metavar="FRACTION",
+        help="the fraction of the noise schedule the base runs before the refiner takes over (default 0.8)",
     )
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; <= 1 turns it off (default 7.5; 5.0 for SDXL, as diffusers)",
+    )
     p.add_argument("--scheduler", help=scheduler_help)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
