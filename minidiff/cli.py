@@ -32,8 +32,16 @@ from .cli_generate import (
     save_images,
 )
 from .files import DestinationError
+from .ldm_file import read_single_file
 from .loading import CheckpointError
-from .pipelines import DDPMPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from .pipelines import (
+    DDPMPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from .single_file import load_folder_models, load_pipeline, save_single_file, to_ldm_state_dict
 
 __all__ = ["SCHEDULER_ALIASES", "CLIError", "build_parser", "main"]
@@ -59,8 +67,19 @@ def cmd_ddpm(args: argparse.Namespace) -> int:
     return 0
 
 
+# (file family, inpainting UNet?) -> the pipeline class a converted folder is saved as
+CONVERT_CLASSES = {
+    ("sd", False): StableDiffusionPipeline,
+    ("sd", True): StableDiffusionInpaintPipeline,
+    ("sdxl", False): StableDiffusionXLPipeline,
+    ("sdxl", True): StableDiffusionXLInpaintPipeline,
+    ("sdxl-refiner", False): StableDiffusionXLImg2ImgPipeline,
+    ("sdxl-refiner", True): StableDiffusionXLInpaintPipeline,
+}
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    """An LDM single file -> a diffusers folder, or a diffusers folder -> an LDM single file. Every
+    """A single file -> a diffusers folder, or a diffusers folder -> a single file. Every
     check on DST comes before anything loads; the new file or folder is written beside DST and
     renamed / swapped into place only when complete (an existing DST needs --overwrite)."""
     src, dst = Path(args.src), Path(args.dst)
@@ -76,17 +95,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         elif src.is_file():
             sources = [src] + ([args.tokenizer] if args.tokenizer else [])
             files.check_folder_destination(dst, args.overwrite, sources, marker="model_index.json")
+            f = read_single_file(src, use_ema=args.ema)
+            # the pipeline that can run the file: by its family, and a 9-channel UNet is an inpainting one
+            unet = f.unet_config()
+            cls = CONVERT_CLASSES[f.family, unet is not None and unet["in_channels"] == 9]
             # "auto": every model stays in its file's dtype, so the conversion is bit-exact
             pipe = load_pipeline(
-                StableDiffusionPipeline,
-                src,
+                cls,
+                f,
                 prediction_type=args.prediction_type,
                 tokenizer=args.tokenizer,
                 torch_dtype=torch.float16 if args.half else "auto",
-                use_ema=args.ema,
             )
-            if pipe.unet.config.in_channels == 9:  # an inpainting UNet: name the pipeline that can run it
-                pipe = StableDiffusionInpaintPipeline(**pipe.components)
             with files.atomic_folder(dst, args.overwrite, sources, marker="model_index.json") as tmp:
                 pipe.save_pretrained(tmp)
         else:
@@ -126,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert",
         parents=[common],
-        help="CompVis/LDM single file <-> diffusers folder (direction from SRC)",
-        description="SRC a .safetensors / .ckpt single file -> DST a diffusers pipeline folder; "
-        "SRC a diffusers Stable Diffusion folder -> DST a .safetensors or .ckpt file. "
+        help="original single file (SD 1.x / 2.x / XL) <-> diffusers folder (direction from SRC)",
+        description="SRC a .safetensors / .ckpt single file (CompVis / LDM SD 1.x / 2.x, SDXL base or refiner) "
+        "-> DST a diffusers pipeline folder; SRC a diffusers Stable Diffusion (XL) folder -> DST a "
+        ".safetensors or .ckpt file in the original layout. "
         "Tensors are copied bit for bit, in their own dtype unless --half. DST is written beside itself and "
         "renamed into place when complete; an existing DST is refused unless --overwrite.",
     )
@@ -150,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="file -> folder: a tokenizer folder to copy (default: the CLIP vocabulary shipped with minidiff)",
+        help="file -> folder: a tokenizer folder (or a pipeline folder: its tokenizer and tokenizer_2) to copy "
+        "(default: the CLIP vocabulary shipped with minidiff)",
     )
     p.add_argument(
         "--ema",

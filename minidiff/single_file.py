@@ -126,7 +126,7 @@ def load_pipeline(
         elif name == "scheduler":
             config = dict(variant.scheduler)
             components[name] = SCHEDULERS[config["_class_name"]].from_config(config)
-    for name in TOKENIZERS.keys() & set(cls.component_names) - set(components):
+    for name in [n for n in TOKENIZERS if n in cls.component_names and n not in components]:
         # a tokenizer only beside its text encoder (the refiner has no tokenizer)
         has_encoder = components.get(TOKENIZERS[name]) is not None
         components[name] = _tokenizer(given[name], name, pads[name]) if has_encoder else None
@@ -180,7 +180,7 @@ def _check_reads_back(parts: dict[str, dict[str, torch.Tensor]], models: dict[st
         ]
         if diff:
             raise ConversionError(
-                f"the {name} cannot be written as an LDM single file, which has no config: "
+                f"the {name} cannot be written as a single file, which has no config: "
                 f"its weights do not determine {', '.join(diff[:4])}"
             )
 
