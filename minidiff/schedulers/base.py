@@ -1,29 +1,21 @@
 """The scheduler classes' plumbing: config and loading, input checks, and the state of a sampling loop.
 
-`SchedulerMixin` turns keyword arguments into the config (see config.py) and reads / writes
-scheduler_config.json as diffusers does. `DiscreteScheduler` (DDPM, DDIM, PNDM) indexes ᾱ by the
+`SchedulerMixin` adds, to the config and loading of config_mixin.py, the checks and the timestep
+bookkeeping every scheduler shares. `DiscreteScheduler` (DDPM, DDIM, PNDM) indexes ᾱ by the
 integer training step; `SigmaScheduler` (LMS, Euler, Heun, DPM-Solver, UniPC) walks a table of σ's
 and keeps its place in it. The maths they call lives in schedule.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from weights_conversion.configs import DIFFUSERS_VERSION
-
-from .. import files
-from ..config import FrozenDict
-from ..loading import load_config
 from ..outputs import BaseOutput
-from .config import NoiseScheduleConfig
+from .config_mixin import ConfigMixin
 from .schedule import (
     beta_sigmas,
     check_add_noise,
@@ -42,7 +34,6 @@ RNG = torch.Generator | None  # a generator argument
 Timestep = int | float | torch.Tensor
 Device = str | torch.device | None
 
-CONFIG_NAME = "scheduler_config.json"
 SIGMA_SPACINGS = ("karras", "exponential", "beta")  # the use_<kind>_sigmas keys, in the order diffusers checks them
 
 
@@ -54,14 +45,6 @@ class SchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    return value
-
-
 def _version(t: torch.Tensor) -> int | None:
     """The in-place write counter of a tensor (None for inference-mode tensors, which keep none)."""
     try:
@@ -70,78 +53,16 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
-class SchedulerMixin:
-    """Config, (de)serialisation and bad-input checks shared by every scheduler.
+class SchedulerMixin(ConfigMixin):
+    """Config and loading (config_mixin.py), bad-input checks and the timestep bookkeeping shared by every
+    scheduler. `Cls(**keys)` takes the keys of `config_class`, each with diffusers' name and default."""
 
-    `Cls(**keys)` takes the keys of `config_class`, each with diffusers' name and default.
-    `self.config` is a FrozenDict of them (attribute and key access), plus, as in diffusers, any
-    `_`-prefixed bookkeeping, `_use_default_values` (the keys left at their default, so that
-    `Other.from_config(this.config)` gives those keys Other's defaults), and the keys of other
-    classes that `from_config` was handed (kept to be handed on to the next class).
-    """
-
-    config_name: ClassVar[str] = CONFIG_NAME
-    config_class: ClassVar[type[NoiseScheduleConfig]] = NoiseScheduleConfig
     order: ClassVar[int] = 1
-    config: FrozenDict
     num_inference_steps: int | None = None
 
     def __init__(self, **config: Any) -> None:
-        given = {k: v for k, v in config.items() if not k.startswith("_")}
-        keys = self.config_class.validated(type(self).__name__, **given)
-        private = {k: v for k, v in config.items() if k.startswith("_")}
-        full = {**private, **dict(keys.items())}
-        if defaulted := [k for k in keys.keys() if k not in given]:
-            full["_use_default_values"] = defaulted
-        self.config = FrozenDict(full)
+        super().__init__(**config)
         self.num_inference_steps = None
-
-    @classmethod
-    def config_keys(cls) -> tuple[str, ...]:
-        """The keys this class takes: the fields of its config class."""
-        return tuple(f.name for f in dataclasses.fields(cls.config_class))
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | None = None, return_unused_kwargs: bool = False, **overrides: Any):
-        """Build from another scheduler's config (any class): known keys are used, the rest are kept."""
-        if config is None:
-            raise ValueError(f"{cls.__name__}.from_config needs a config dict (e.g. other_scheduler.config)")
-        if not isinstance(config, dict):
-            raise TypeError(f"{cls.__name__}.from_config takes a dict; use from_pretrained for a path or Hub id")
-        defaulted = set(config.get("_use_default_values", []))
-        config = {k: v for k, v in config.items() if k not in defaulted and k != "_use_default_values"}
-        known = cls.config_keys()
-        init = {k: config[k] for k in known if k in config}
-        init.update({k: overrides.pop(k) for k in known if k in overrides})
-        # keys this class does not take stay in the config, to be handed on to the next class
-        hidden = {k: v for k, v in config.items() if k not in init}
-        if "_class_name" in hidden:
-            hidden["_class_name"] = cls.__name__
-        scheduler = cls(**init)
-        scheduler.config = FrozenDict({**scheduler.config, **hidden})
-        return (scheduler, {**overrides, **hidden}) if return_unused_kwargs else scheduler
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        subfolder: str | None = None,
-        local_files_only: bool = False,
-        **overrides: Any,
-    ):
-        """Read scheduler_config.json from a local folder or a Hub id (and subfolder)."""
-        for loading_only in ("torch_dtype", "variant", "revision", "cache_dir", "token", "force_download"):
-            overrides.pop(loading_only, None)
-        config = load_config(pretrained_model_name_or_path, subfolder, cls.config_name, local_files_only)
-        return cls.from_config(config, **overrides)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool | None = None, **unused: Any) -> None:
-        """Write scheduler_config.json as diffusers writes it (diffusers loads it back), atomically;
-        `overwrite` as minidiff.files.output_folder."""
-        config = {k: _json_value(v) for k, v in self.config.items() if k != "_use_default_values"}
-        config.update(_class_name=type(self).__name__, _diffusers_version=DIFFUSERS_VERSION)
-        with files.output_folder(save_directory, overwrite, self.config_name) as out:
-            files.write_text(out / self.config_name, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def _init_noise_schedule(self) -> None:
         """β, α = 1 - β and ᾱ = cumprod(α) from the config."""
@@ -208,10 +129,6 @@ class SchedulerMixin:
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    def __repr__(self) -> str:
-        shown = {k: v for k, v in self.config.items() if k != "_use_default_values"}
-        return f"{type(self).__name__} {json.dumps(_json_value(shown), indent=2, sort_keys=True)}"
-
 
 class DiscreteScheduler(SchedulerMixin):
     """Schedulers indexed by the integer training step t (DDPM, DDIM, PNDM), in x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε."""
@@ -233,6 +150,25 @@ class DiscreteScheduler(SchedulerMixin):
         wait); any other tensor is read from the device."""
         i = self._position_in_timesteps(timestep)
         return self._host_timesteps()[i] if i is not None else int(timestep)
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
+        """The step after `timestep` in `timesteps` (a tensor, tensor(-1) after the last), as diffusers' DDPM, LCM
+        and TCD return; before set_timesteps, timestep - 1."""
+        if self.num_inference_steps is None:
+            return timestep - 1
+        i = self._index_of(self._timestep_value(timestep))
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else torch.tensor(-1)
+
+    def _index_of(self, t: int) -> int:
+        ts = self._host_timesteps()
+        if t not in ts:
+            raise ValueError(f"{type(self).__name__}: timestep {t} is not one of scheduler.timesteps")
+        return ts.index(t)
+
+    def _previous(self, t: int) -> int:
+        """previous_timestep as a Python int, read from the host copy of `timesteps` (no device wait)."""
+        ts, i = self._host_timesteps(), self._index_of(t)
+        return ts[i + 1] if i + 1 < len(ts) else -1
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) for one timestep per batch item."""

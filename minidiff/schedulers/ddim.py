@@ -45,6 +45,12 @@ class DDIMScheduler(DiscreteScheduler):
         ts = spaced_timesteps(c.timestep_spacing, n, T, c.steps_offset)
         self._set_discrete_timesteps(ts.round().astype(np.int64), device)
 
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """σ_t(1)², the variance of the DDPM-like step from t to prev_t [1, eq. 16] (diffusers' name)."""
+        ab_t = self.alphas_cumprod[timestep]
+        ab_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+
     def step(
         self,
         model_output: Tensor,
@@ -73,8 +79,7 @@ class DDIMScheduler(DiscreteScheduler):
         if use_clipped_model_output:  # re-derive ε̂ from the clipped x̂_0 (as in GLIDE)
             eps = (sample - ab_t**0.5 * x0) / (1 - ab_t) ** 0.5
 
-        # σ_t(η) [1, eq. 16]
-        sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) ** 0.5
+        sigma = eta * self._get_variance(t, prev_t) ** 0.5  # σ_t(η) [1, eq. 16]
         # [1, eq. 12]: predicted x_0, direction pointing to x_t, random noise
         prev_sample = ab_prev**0.5 * x0 + (1 - ab_prev - sigma**2) ** 0.5 * eps
         if eta > 0:

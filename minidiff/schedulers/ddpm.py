@@ -25,7 +25,8 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_
 class DDPMConfig(DynamicThresholdingKeys, NoiseScheduleConfig):
     beta_schedule: str = one_of("linear", (*BETA_SCHEDULES, "sigmoid"))
     timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
-    variance_type: str = one_of("fixed_small", VARIANCE_TYPES)  # the std of the noise added at each step
+    # the std of the noise added at each step (None, which DPM-Solver's configs carry, is fixed_small)
+    variance_type: str | None = one_of("fixed_small", (*VARIANCE_TYPES, None))
     clip_sample: bool = True  # clamp x̂_0 to ±clip_sample_range
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
@@ -65,23 +66,26 @@ class DDPMScheduler(DiscreteScheduler):
         self.custom_timesteps = timesteps is not None
         self._set_discrete_timesteps(ts, device)
 
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """The step after `timestep` in `timesteps`, or -1 (x_0) after the last."""
-        ts, t = self._host_timesteps(), self._timestep_value(timestep)
-        if t not in ts:
-            raise ValueError(f"DDPMScheduler: timestep {t} is not one of scheduler.timesteps")
-        i = ts.index(t)
-        return ts[i + 1] if i + 1 < len(ts) else -1
+    def _get_variance(
+        self, t: int, predicted_variance: torch.Tensor | None = None, variance_type: str | None = None
+    ) -> torch.Tensor:
+        """The variance of the noise step() adds at t (diffusers' private name, which its tests read; for the
+        *_log and learned_range kinds diffusers returns the std or the log-variance instead)."""
+        prev_t = t - 1 if self.num_inference_steps is None else self._previous(t)
+        return self._variance(t, prev_t, predicted_variance, variance_type) ** 2
 
-    def _variance(self, t: int, prev_t: int, predicted_variance: torch.Tensor | None) -> torch.Tensor:
-        """The std of the noise added on the way from t to prev_t, for the configured variance_type."""
+    def _variance(
+        self, t: int, prev_t: int, predicted_variance: torch.Tensor | None, kind: str | None = None
+    ) -> torch.Tensor:
+        """The std of the noise added on the way from t to prev_t, for `kind` (default: the configured
+        variance_type)."""
         ab_t = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
         beta_t = 1 - ab_t / ab_prev
         # β̃_t = (1 - ᾱ_{t-1}) / (1 - ᾱ_t) β_t: the true posterior variance ("small"); β_t is the "large" bound
         small = torch.clamp((1 - ab_prev) / (1 - ab_t) * beta_t, min=1e-20)
-        kind = self.config.variance_type
-        if kind == "fixed_small":
+        kind = kind or self.config.variance_type
+        if kind in ("fixed_small", None):
             return small**0.5
         if kind == "fixed_small_log":
             return torch.exp(0.5 * torch.log(small))
@@ -102,7 +106,7 @@ class DDPMScheduler(DiscreteScheduler):
         """Sample x_{t-1} from the posterior q(x_{t-1} | x_t, x̂_0) [1, eqs. 6-7]."""
         self._check_ready()
         t = self._timestep_value(timestep)
-        prev_t = self.previous_timestep(t)
+        prev_t = self._previous(t)
         predicted_variance = None
         if self.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)

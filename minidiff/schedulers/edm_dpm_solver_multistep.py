@@ -36,6 +36,7 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
     """DPM-Solver++ multistep with EDM preconditioning (Lu et al., 2022; Karras et al., 2022)."""
 
     config_class = EDMDPMSolverMultistepConfig
+    _compatibles = ()  # diffusers lists no class this config swaps into
     _variance_preserving = False  # add_noise: x_0 + σ ε
 
     def __init__(self, **config: Any) -> None:

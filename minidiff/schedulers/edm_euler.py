@@ -90,6 +90,7 @@ class EDMEulerScheduler(EDMPreconditioning, EulerDiscreteScheduler):
     """Euler sampler with EDM preconditioning and σ schedule (Karras et al., 2022, Algorithm 2)."""
 
     config_class = EDMEulerConfig
+    _compatibles = ()  # diffusers lists no class this config swaps into
 
     def __init__(self, **config: Any) -> None:
         T = config.get("num_train_timesteps", 1000)

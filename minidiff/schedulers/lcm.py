@@ -57,6 +57,7 @@ class LCMScheduler(DiscreteScheduler):
     """Multistep latent consistency sampling (Luo et al., 2023; Song et al., 2023)."""
 
     config_class = LCMConfig
+    _compatibles = ()  # diffusers lists no class this config swaps into
 
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)

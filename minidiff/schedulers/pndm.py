@@ -78,17 +78,18 @@ class PNDMScheduler(DiscreteScheduler):
     def step(
         self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
     ) -> SchedulerOutput | tuple:
+        """One call of the sampler: a PRK stage during the warm-up, then a PLMS step."""
         self._check_ready()
-        t = self._timestep_value(timestep)
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
-            prev_sample = self._step_prk(model_output, t, sample)
-        else:
-            prev_sample = self._step_plms(model_output, t, sample)
-        self.counter += 1
-        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+            return self.step_prk(model_output, timestep, sample, return_dict)
+        return self.step_plms(model_output, timestep, sample, return_dict)
 
-    def _step_prk(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+    def step_prk(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
         """One of the four RK4 stages; every stage moves from the step's starting sample."""
+        self._check_ready()
+        t, eps = self._timestep_value(timestep), model_output
         half = self.config.num_train_timesteps // self.num_inference_steps // 2
         stage = self.counter % 4
         t_prev = t - (0 if stage % 2 else half)  # stages 0 and 2 move half a step on
@@ -96,18 +97,22 @@ class PNDMScheduler(DiscreteScheduler):
         if stage == 0:
             self.cur_model_output = self.cur_model_output + 1 / 6 * eps
             self.ets.append(eps)
-            self.cur_sample = x
+            self.cur_sample = sample
         elif stage in (1, 2):
             self.cur_model_output = self.cur_model_output + 1 / 3 * eps
         else:
             eps = self.cur_model_output + 1 / 6 * eps
             self.cur_model_output = 0
-        return self._transfer(self.cur_sample, t_start, t_prev, eps)
+        return self._output(self._transfer(self.cur_sample, t_start, t_prev, eps), return_dict)
 
-    def _step_plms(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+    def step_plms(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, return_dict: bool = True
+    ) -> SchedulerOutput | tuple:
         """Adams-Bashforth on ε of order 1..4 (the second call re-does the first step, Heun-style)."""
+        self._check_ready()
         if not self.config.skip_prk_steps and len(self.ets) < 3:
             raise ValueError("PNDMScheduler: the PLMS steps need the 12 PRK steps first (call step() in order)")
+        t, eps, x = self._timestep_value(timestep), model_output, sample
         r = self.config.num_train_timesteps // self.num_inference_steps
         t_prev = t - r
         if self.counter != 1:
@@ -126,7 +131,12 @@ class PNDMScheduler(DiscreteScheduler):
             eps = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
         else:
             eps = (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4]) / 24
-        return self._transfer(x, t, t_prev, eps)
+        return self._output(self._transfer(x, t, t_prev, eps), return_dict)
+
+    def _output(self, prev_sample: torch.Tensor, return_dict: bool) -> SchedulerOutput | tuple:
+        """Count the call (the next step's kind and stage depend on it) and wrap the result."""
+        self.counter += 1
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
     def _transfer(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor) -> torch.Tensor:
         """φ(x_t, ε, t → t_prev): the DDIM step written as in [1, eq. 9]."""

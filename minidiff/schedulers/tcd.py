@@ -47,6 +47,7 @@ class TCDScheduler(LCMScheduler):
     """Strategic stochastic sampling for TCD models (Zheng et al., 2024)."""
 
     config_class = TCDConfig
+    _compatibles = ()  # diffusers lists no class this config swaps into
 
     def _origin_timesteps(self, original_inference_steps: int | None, strength: float) -> np.ndarray:
         """LCM's distillation schedule, or, when original_inference_steps is given, every training step."""
