@@ -7,9 +7,7 @@ Everything here is format plumbing shared by models, schedulers, tokenizers and 
   single file or sharded through `*.index.json`, honouring an optional `variant` ("fp16");
 - `read_state_dict` reads those files, pickles only via `torch.load(weights_only=True)`;
 - `download_pipeline` fetches the files of a whole pipeline from the Hub (or finds them in the cache)
-  as diffusers does, so its components then load from one local folder;
-- `save_weights` writes a state dict as diffusers / transformers do: one file, or shards below
-  `max_shard_size` with a `*.index.json` mapping each tensor to its shard.
+  as diffusers does, so its components then load from one local folder.
 Hub keywords (`revision`, `token`, `cache_dir`, `force_download`) travel as one `hub` dict to
 huggingface_hub with its meaning. Every failure names the file (or Hub id) it is about.
 """
@@ -26,8 +24,6 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
-
-from . import files
 
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 _LFS_POINTER = b"version https://git-lfs"
@@ -158,7 +154,7 @@ def load_config(
     return load_json(path)
 
 
-def _with_variant(name: str, variant: str | None) -> str:
+def with_variant(name: str, variant: str | None) -> str:
     """diffusers' naming: model.safetensors -> model.fp16.safetensors, x.index.json -> x.index.fp16.json."""
     if not variant:
         return name
@@ -190,12 +186,12 @@ def find_weight_files(
 
     for ext in weight_formats(use_safetensors):
         for name in weight_names:
-            single = _with_variant(f"{name}.{ext}", variant)
+            single = with_variant(f"{name}.{ext}", variant)
             tried.append(single)
             path = get(single)
             if path is not None:
                 return [path]
-            index_name = _with_variant(f"{name}.{ext}.index.json", variant)
+            index_name = with_variant(f"{name}.{ext}.index.json", variant)
             tried.append(index_name)
             index = get(index_name)
             if index is not None:
@@ -274,22 +270,21 @@ def _component_weight_patterns(
     name: str, listing: list[str] | None, use_safetensors: bool | None, variant: str | None
 ) -> list[str]:
     """The weight files of the component folder `name` worth downloading. With the repo's file list
-    (online) one format and variant is picked as find_weight_files will; offline every match is allowed
-    (nothing is downloaded then, the cache is only read)."""
+    (online): the files of the one format and variant find_weight_files will pick, by name. Offline:
+    every weight file (nothing is downloaded then, the cache is only read)."""
     formats = weight_formats(use_safetensors)
-    if listing is not None:
-        present = [f for f in listing if f.startswith(f"{name}/")]
-        formats = tuple(ext for ext in formats if any(f.endswith(f".{ext}") for f in present))[:1] or formats[:1]
-        if variant and not any(f".{variant}." in f or f".{variant}-" in f for f in present):
-            variant = None  # find_weight_files will then report the missing variant by name
-    tag = f"{variant}" if variant else ""
-    patterns = []
+    if listing is None:
+        return [f"{name}/*.{ext}" for ext in formats] + [f"{name}/*.{ext}.index*.json" for ext in formats]
+    tag = rf"\.{re.escape(variant)}" if variant else ""
+    index_tag = tag.replace(r"\.", r"\.index\.", 1) if variant else r"\.index"
     for ext in formats:
-        if tag:
-            patterns += [f"{name}/*.{tag}.{ext}", f"{name}/*.{tag}-*.{ext}", f"{name}/*.{ext}.index.{tag}.json"]
-        else:
-            patterns += [f"{name}/*.{ext}", f"{name}/*.{ext}.index.json"]
-    return patterns
+        # stem[.variant].ext, stem[.variant]-00001-of-00002.ext, stem.ext.index[.variant].json
+        weights = rf"{tag}(?:-\d{{5}}-of-\d{{5}})?\.{ext}"
+        wanted = re.compile(rf"{re.escape(name)}/[^./]+(?:{weights}|\.{ext}{index_tag}\.json)")
+        found = [f for f in listing if wanted.fullmatch(f)]
+        if found:
+            return found
+    return []  # nothing to fetch: find_weight_files then names what it looked for
 
 
 def download_pipeline(
@@ -343,82 +338,6 @@ def download_pipeline(
             f"{'offline' if local_files_only or _hub_offline() else 'not reachable'}"
         ) from None
     return Path(folder)
-
-
-# -- saving, as diffusers / transformers write ---------------------------------------------------
-
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """`max_shard_size`: bytes as an int, or a string such as "5GB" (10^9) / "500MiB" (2^20)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())):
-        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"])
-    else:
-        raise ValueError(f"max_shard_size must be a number of bytes or a size such as '5GB', got {size!r}")
-    if value <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
-    return value
-
-
-def _split_shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Keys in order into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state_dict.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    return shards
-
-
-def save_weights(
-    state_dict: dict[str, torch.Tensor],
-    folder: Path,
-    stem: str,
-    safe_serialization: bool = True,
-    variant: str | None = None,
-    max_shard_size: int | str | None = None,
-) -> list[Path]:
-    """Write `stem[.variant].safetensors` (or `.bin`), or, past max_shard_size, the shards
-    `stem[.variant]-00001-of-0000N.ext` and `stem.ext.index[.variant].json` (diffusers' and transformers'
-    names). Weight files of the same stem, format and variant left from an earlier save are removed,
-    so a loader never picks a stale single file over the new shards (diffusers does the same)."""
-    ext = "safetensors" if safe_serialization else "bin"
-    base = stem + (f".{variant}" if variant else "")
-    shards = _split_shards(state_dict, parse_size(max_shard_size)) if max_shard_size is not None else [state_dict]
-    names = (
-        [f"{base}.{ext}"]
-        if len(shards) == 1
-        else [f"{base}-{i:05d}-of-{len(shards):05d}.{ext}" for i in range(1, len(shards) + 1)]
-    )
-    written = []
-    for name, shard in zip(names, shards, strict=True):
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            with files.atomic_file(folder / name) as tmp:
-                save_file(shard, str(tmp), metadata={"format": "pt"})
-        else:
-            files.torch_save(shard, folder / name)
-        written.append(folder / name)
-    index_name = _with_variant(f"{stem}.{ext}.index.json", variant)
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state_dict.values())
-        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        written.append(files.write_text(folder / index_name, json.dumps(index, indent=2, sort_keys=True) + "\n"))
-    stale = re.compile(rf"{re.escape(base)}(-\d{{5}}-of-\d{{5}})?\.{ext}|{re.escape(index_name)}")
-    for old in folder.iterdir():
-        if stale.fullmatch(old.name) and old not in written:
-            old.unlink()
-    return written
 
 
 # -- diffusers' from_pretrained keywords ---------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -22,7 +24,7 @@ from weights_conversion import ModelFormat
 
 from . import fast, files, ldm_file
 from .layers import Attention
-from .loading import LoadOptions, find_weight_files, load_config, parse_size, read_state_dict, save_weights
+from .loading import LoadOptions, find_weight_files, load_config, read_state_dict, with_variant
 
 # diffusers' processors that compute plain softmax attention, as minidiff's SDPA does
 SDPA_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
@@ -33,6 +35,82 @@ class AttnProcessor2_0:
 
     def __repr__(self) -> str:
         return "AttnProcessor2_0()"
+
+
+# -- weight files as diffusers / transformers write them ------------------------------------------
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """`max_shard_size`: bytes as an int, or a string such as "5GB" (10^9) / "500MiB" (2^20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str) and (m := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", size.upper())):
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"])
+    else:
+        raise ValueError(f"max_shard_size must be a number of bytes or a size such as '5GB', got {size!r}")
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _split_shards(state_dict: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Keys in order into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_weights(
+    state_dict: dict[str, torch.Tensor],
+    folder: Path,
+    stem: str,
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    max_shard_size: int | str | None = None,
+) -> list[Path]:
+    """Write `stem[.variant].safetensors` (or `.bin`), or, past max_shard_size, the shards
+    `stem[.variant]-00001-of-0000N.ext` and `stem.ext.index[.variant].json` (diffusers' and transformers'
+    names). Weight files of the same stem, format and variant left from an earlier save are removed,
+    so a loader never picks a stale single file over the new shards (diffusers does the same)."""
+    ext = "safetensors" if safe_serialization else "bin"
+    base = stem + (f".{variant}" if variant else "")
+    shards = _split_shards(state_dict, parse_size(max_shard_size)) if max_shard_size is not None else [state_dict]
+    names = (
+        [f"{base}.{ext}"]
+        if len(shards) == 1
+        else [f"{base}-{i:05d}-of-{len(shards):05d}.{ext}" for i in range(1, len(shards) + 1)]
+    )
+    written = []
+    for name, shard in zip(names, shards, strict=True):
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            with files.atomic_file(folder / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
+        else:
+            files.torch_save(shard, folder / name)
+        written.append(folder / name)
+    index_name = with_variant(f"{stem}.{ext}.index.json", variant)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        weight_map = {key: name for name, shard in zip(names, shards, strict=True) for key in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        written.append(files.write_text(folder / index_name, json.dumps(index, indent=2, sort_keys=True) + "\n"))
+    stale = re.compile(rf"{re.escape(base)}(-\d{{5}}-of-\d{{5}})?\.{ext}|{re.escape(index_name)}")
+    for old in folder.iterdir():
+        if stale.fullmatch(old.name) and old not in written:
+            old.unlink()
+    return written
 
 
 class ModelMixin(nn.Module):

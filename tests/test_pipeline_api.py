@@ -19,7 +19,8 @@ from conftest import save_tiny_sd
 from PIL import Image
 
 import minidiff
-from minidiff.loading import parse_size
+from minidiff.loading import _component_weight_patterns
+from minidiff.modeling import parse_size
 from minidiff.pipelines.auto import FAMILIES, TASKS, task_class
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -139,6 +140,42 @@ def test_hub_keywords_through_the_cache(folder, tmp_path, hub_cache):
     pipe = minidiff.StableDiffusionPipeline.from_pretrained("owner/tiny-sd", cache_dir=elsewhere, local_files_only=True)
     _same_weights(pipe.unet, main.unet)
     assert pipe.config["_name_or_path"] == "owner/tiny-sd"
+
+
+def test_missing_variant_refused_as_diffusers(folder):
+    import diffusers
+
+    for lib in (diffusers, minidiff):
+        with pytest.raises((ValueError, OSError), match="fp16"):
+            lib.StableDiffusionPipeline.from_pretrained(folder, variant="fp16")
+
+
+def test_hub_download_picks_one_format_and_variant():
+    """Online, diffusers downloads one weight format (safetensors first) and the asked variant only."""
+    listing = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.fp16-00001-of-00002.safetensors",
+        "text_encoder/model.fp16-00002-of-00002.safetensors",
+        "text_encoder/model.safetensors.index.fp16.json",
+        "text_encoder/pytorch_model.bin",
+    ]
+    pick = _component_weight_patterns
+    assert pick("unet", listing, None, None) == ["unet/diffusion_pytorch_model.safetensors"]
+    assert pick("unet", listing, False, None) == ["unet/diffusion_pytorch_model.bin"]
+    assert pick("unet", listing, None, "fp16") == ["unet/diffusion_pytorch_model.fp16.safetensors"]
+    assert pick("text_encoder", listing, None, "fp16") == listing[5:8]
+    assert pick("text_encoder", listing, None, None) == ["text_encoder/pytorch_model.bin"]  # no plain safetensors
+    assert pick("text_encoder", listing, True, None) == []
+    assert pick("unet", None, None, None) == [
+        "unet/*.safetensors",
+        "unet/*.bin",
+        "unet/*.safetensors.index*.json",
+        "unet/*.bin.index*.json",
+    ]
 
 
 # -- save_pretrained -----------------------------------------------------------------------------
