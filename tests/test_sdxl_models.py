@@ -16,10 +16,10 @@ import transformers
 from conftest import perturb, reference_config, rel_err
 from safetensors.torch import load_file, save_file
 
-from minidiff import CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
+from minidiff import CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel, lora
 from minidiff.compare import assert_same_outputs
 from minidiff.loading import read_state_dict
-from weights_conversion import ConversionError
+from weights_conversion import ConversionError, convert
 
 # ---------------------------------------------------------------- UNet configs
 
@@ -139,6 +139,41 @@ def test_tiny_lora_scale_without_adapters_changes_nothing(tiny_unets):
     assert torch.equal(ours(**args, cross_attention_kwargs={"scale": 0.5}).sample, plain)
     (tupled,) = ours(**args, cross_attention_kwargs=None, return_dict=False)
     assert torch.equal(tupled, plain)
+
+
+def test_tiny_cross_attention_kwargs_scale_scales_lora_as_diffusers(tmp_path):
+    """cross_attention_kwargs={"scale": s} against diffusers + peft: the same rank-4 adapters (alpha 8) on
+    the attention's to_k / to_v and both embedding MLPs' linear_1 (time and added conditioning)."""
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    ref = perturb(diffusers.UNet2DConditionModel(**TINY["base"]).eval(), seed=6)
+    ref.save_pretrained(tmp_path)
+    ours = UNet2DConditionModel.from_pretrained(tmp_path)
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_k", "to_v", "linear_1"]))
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():  # the adapters only (lora_B starts at zero); the base weights stay as saved
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    layers, copied = dict(ours.named_modules()), set()
+    for name, module in ref.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            down, up = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
+            # the layer's minidiff name, through the converter's rules (mid_block.attentions.0 -> mid_block.attention)
+            (ours_name,) = convert({f"{name}.weight": down}, ours.weights_format.rules(ours.config))
+            ours_name = ours_name.removesuffix(".weight")
+            lora.attach(layers[ours_name]).add("default", lora.LoRAAdapter(down.clone(), up.clone(), alpha=8))
+            copied.add(ours_name)
+    assert {"time_embedding.linear_1", "add_embedding.linear_1"} < copied
+    assert {name for name, _, _ in lora.lora_layers(ours)} == copied
+    args = inputs(TINY["base"], 2, 16, 16, 6, POOLED["base"], seed=9)
+    for scale in (0.5, 1.0, 0.0):
+        kwargs = {"scale": scale}
+        assert_same_outputs(ours, ref, lambda m, kwargs=kwargs: m(**args, cross_attention_kwargs=kwargs).sample)
+    # the adapters matter: half their scale is far from the full one
+    half, full = (ours(**args, cross_attention_kwargs={"scale": s}).sample for s in (0.5, 1.0))
+    assert rel_err(half, full) > 1e-2
 
 
 @pytest.mark.parametrize("name", list(TINY))
