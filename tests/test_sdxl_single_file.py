@@ -259,7 +259,7 @@ def test_diffusers_reads_the_fixture(tiny, files, offline, name):
     pipe = t.diffusers_class.from_single_file(str(files(name)), config=str(t.folder), local_files_only=True)
     for part in MODELS[t.refiner]:
         assert_same_tensors(getattr(pipe, part).state_dict(), t.models[part].state_dict(), part)
-    assert pipe.text_encoder is None if t.refiner else pipe.text_encoder is not None
+    assert (pipe.text_encoder is None) == t.refiner
 
 
 # ---------------------------------------------------------------- minidiff loads them like the folder
@@ -423,7 +423,7 @@ def test_folder_to_file_to_folder(tiny, tmp_path, offline, name):
         keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act")
         keys += ("projection_dim", "max_position_embeddings", "layer_norm_eps", "bos_token_id", "eos_token_id")
         assert {k: ours[k] for k in keys} == {k: ref[k] for k in keys}, part
-    assert back.text_encoder is None if t.refiner else type(back.text_encoder).__name__ == "CLIPTextModel"
+    assert type(back.text_encoder).__name__ == ("NoneType" if t.refiner else "CLIPTextModel")
 
 
 def test_half_precision_round_trip(tiny, tmp_path):
@@ -441,20 +441,20 @@ def test_half_precision_round_trip(tiny, tmp_path):
 # ---------------------------------------------------------------- bad files
 
 
+def write_tensors(path, sd: dict):
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
 def test_wrong_pipeline_class_is_named(files, tmp_path):
     with pytest.raises(CheckpointError, match="SDXL refiner checkpoint.*StableDiffusionXLImg2ImgPipeline") as err:
         StableDiffusionXLPipeline.from_single_file(files("refiner"))
     assert str(files("refiner")) in str(err.value)
     with pytest.raises(CheckpointError, match="SDXL base checkpoint.*StableDiffusionXLPipeline.from_single_file"):
         StableDiffusionPipeline.from_single_file(files("base"))
-    sd1 = t_write(tmp_path / "sd1.safetensors", {"cond_stage_model.transformer.text_model.x": torch.zeros(1)})
+    sd1 = write_tensors(tmp_path / "sd1.safetensors", {"cond_stage_model.transformer.text_model.x": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="Stable Diffusion 1.x / 2.x checkpoint.*StableDiffusionPipeline"):
         StableDiffusionXLImg2ImgPipeline.from_single_file(sd1)
-
-
-def t_write(path, sd: dict):
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    return path
 
 
 def test_broken_files_are_named(tiny, tmp_path):
@@ -482,7 +482,7 @@ def test_broken_files_are_named(tiny, tmp_path):
         "stray": ({**sd, "conditioner.embedders.2.model.x": torch.zeros(1)}, "outside the SDXL base layout"),
     }
     for case, (broken, message) in cases.items():
-        path = t_write(tmp_path / f"{case}.safetensors", broken)
+        path = write_tensors(tmp_path / f"{case}.safetensors", broken)
         with pytest.raises((CheckpointError, ConversionError), match=message) as err:
             StableDiffusionXLPipeline.from_single_file(path)
         assert str(path) in str(err.value), case
