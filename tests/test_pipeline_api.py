@@ -422,3 +422,32 @@ def test_sdxl_family_config_and_auto(tmp_path):
     assert base.config["_requires_aesthetics_score"] is True  # kept aside, as diffusers does
     again = minidiff.AutoPipelineForImage2Image.from_pipe(base)
     assert again.requires_aesthetics_score is True and again.force_zeros_for_empty_prompt is False
+
+
+def test_memory_switches_keep_diffusers_images(folder):
+    """Sliced attention on the UNet, a tiled and sliced VAE decode: diffusers' image for the same switches."""
+    import diffusers
+
+    ours = minidiff.StableDiffusionPipeline.from_pretrained(folder)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    ours.enable_attention_slicing("max")
+    ours.enable_vae_tiling()
+    ours.enable_vae_slicing()
+    assert ours.vae.use_tiling and ours.vae.use_slicing
+    theirs.enable_attention_slicing("max")
+    theirs.vae.enable_tiling()
+    theirs.vae.enable_slicing()
+
+    def run(p) -> torch.Tensor:  # 64 x 64: latents of 32, past the tiny VAE's 16-latent tile
+        g = torch.Generator().manual_seed(0)
+        p.set_progress_bar_config(disable=True)
+        kw = dict(num_inference_steps=2, height=64, width=64, generator=g, num_images_per_prompt=2, output_type="pt")
+        return p("a red circle", **kw).images
+
+    tiled = run(ours)
+    torch.testing.assert_close(tiled, run(theirs), atol=1e-4, rtol=0)
+    ours.disable_vae_tiling()
+    ours.disable_vae_slicing()
+    ours.disable_attention_slicing()
+    assert not ours.vae.use_tiling and not ours.vae.use_slicing
+    assert (run(ours) - tiled).abs().max() > 1e-3  # the tiles were really blended
