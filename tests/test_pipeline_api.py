@@ -242,6 +242,22 @@ def test_config_and_components_as_diffusers(pipe, reference):
         pipe.config["unet"] = None
 
 
+def test_settings_read_from_model_index(folder, tmp_path):
+    """A setting the pipeline does not act on (requires_safety_checker: true) still shows in `config`."""
+    import diffusers
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps(index | {"requires_safety_checker": True}))
+    ours = minidiff.StableDiffusionPipeline.from_pretrained(copy)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(copy)
+    assert ours.config.requires_safety_checker is theirs.config.requires_safety_checker is True
+    assert minidiff.StableDiffusionImg2ImgPipeline.from_pipe(ours).config.requires_safety_checker is True
+    ours.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["requires_safety_checker"] is True
+
+
 def test_from_pipe_shares_modules(pipe, reference):
     import diffusers
 

@@ -156,6 +156,7 @@ class DiffusionPipeline:
             raise TypeError(f"{pipeline_cls.__name__}.from_pretrained got unknown arguments {sorted(kwargs)}")
         pipe = pipeline_cls(**components)
         pipe._name_or_path = pretrained_model_name_or_path
+        pipe._settings = {k: components[k] for k in settings if k in components}  # for `config`
         return pipe
 
     @classmethod
@@ -200,9 +201,11 @@ class DiffusionPipeline:
         name and the diffusers version model_index.json carries."""
         entries: dict[str, Any] = {name: _library_entry(c) for name, c in self.components.items()}
         params = self._init_parameters()
+        given = getattr(self, "_settings", {})  # what from_pretrained / from_pipe handed __init__
         for name in self._setting_names():
             default = params[name].default if name in params else None
-            entries[name] = getattr(self, name, None if default is inspect.Parameter.empty else default)
+            default = given.get(name, None if default is inspect.Parameter.empty else default)
+            entries[name] = getattr(self, name, default)
         entries.update(getattr(self, "_extra_config", {}))
         if getattr(self, "_name_or_path", None) is not None:
             entries["_name_or_path"] = self._name_or_path
@@ -243,6 +246,7 @@ class DiffusionPipeline:
         extra = {k if k.startswith("_") else f"_{k}": v for k, v in old_config.items() if k not in old_components}
         new._extra_config = extra
         new._name_or_path = name_or_path
+        new._settings = {k: init[k] for k in new_cls._setting_names() if k in init}
         return new
 
     def save_pretrained(
