@@ -25,6 +25,7 @@ from conftest import CLIP_BPE, clip_config, perturb, reference_config, rel_err, 
 from safetensors.torch import load_file, save_file
 from test_single_file import assert_same_tensors, ldm_unet, ldm_vae, plain, read
 
+import minidiff
 from minidiff import (
     AutoencoderKL,
     CLIPTextModel,
@@ -44,7 +45,13 @@ from weights_conversion.clip_vocab import write_hf_tokenizer_files
 CLIP_L, BIGG, PROJECTION = 64, 128, 96  # text widths (tiny) and bigG's projection width
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIGG_PREFIX = {False: "conditioner.embedders.1.model.", True: "conditioner.embedders.0.model."}  # refiner?
-MODELS = {False: ("unet", "vae", "text_encoder", "text_encoder_2"), True: ("unet", "vae", "text_encoder_2")}
+MODELS = {False: ("unet", "vae", "text_encoder", "text_encoder_2"), True: ("unet", "vae", "text_encoder_2")}  # refiner?
+# the pipeline class each fixture is, and what `minidiff convert` saves it as
+PIPELINES = {
+    "base": "StableDiffusionXLPipeline",
+    "refiner": "StableDiffusionXLImg2ImgPipeline",
+    "inpaint": "StableDiffusionXLInpaintPipeline",
+}
 
 # ---------------------------------------------------------------- the test's own diffusers -> original map
 
@@ -106,10 +113,12 @@ def original_layout(models: dict, refiner: bool) -> dict:
 # ---------------------------------------------------------------- tiny fixtures
 
 
-def sdxl_components(refiner: bool, seed: int = 0) -> dict:
+def sdxl_components(kind: str, seed: int = 0) -> dict:
     """diffusers / transformers SDXL components in the original configs' conventions (GroupNorm 32,
-    64-wide heads, 256-wide micro-conditioning embeddings), every weight perturbed."""
+    64-wide heads, 256-wide micro-conditioning embeddings), every weight perturbed. `kind`: "base",
+    "refiner" or "inpaint" (the base's structure, 9 input channels, shallower)."""
     torch.manual_seed(seed)
+    refiner = kind == "refiner"
     if refiner:
         levels = dict(
             block_out_channels=(64, 64, 128, 128),
@@ -124,12 +133,13 @@ def sdxl_components(refiner: bool, seed: int = 0) -> dict:
             block_out_channels=(64, 128, 128),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10),
+            transformer_layers_per_block=(1, 2, 3) if kind == "inpaint" else (1, 2, 10),
             attention_head_dim=(1, 2, 2),
         )
         context, time_ids = CLIP_L + BIGG, 6  # both encoders; size, crop, target size
     unet = diffusers.UNet2DConditionModel(
         sample_size=128,
+        in_channels=9 if kind == "inpaint" else 4,
         layers_per_block=2,
         norm_num_groups=32,
         cross_attention_dim=context,
@@ -158,14 +168,14 @@ def sdxl_components(refiner: bool, seed: int = 0) -> dict:
 class TinyXL:
     """A saved diffusers SDXL folder and the original-layout state dict of the same weights."""
 
-    def __init__(self, root, refiner: bool) -> None:
-        self.refiner = refiner
-        self.models = sdxl_components(refiner)
+    def __init__(self, root, kind: str) -> None:
+        self.kind, self.refiner = kind, kind == "refiner"
+        self.models = sdxl_components(kind)
         scheduler = diffusers.EulerDiscreteScheduler.from_config(reference_config("sdxl-base-1.0.scheduler"))
         tok_2 = transformers.CLIPTokenizer.from_pretrained(
             write_hf_tokenizer_files(CLIP_BPE, root / "_t2", pad_token="!")
         )
-        if refiner:
+        if self.refiner:
             self.pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
                 **self.models,
                 text_encoder=None,
@@ -178,12 +188,12 @@ class TinyXL:
             )
         else:
             tok = transformers.CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(CLIP_BPE, root / "_t1"))
-            self.pipe = diffusers.StableDiffusionXLPipeline(
+            self.pipe = self.diffusers_class(
                 **self.models, tokenizer=tok, tokenizer_2=tok_2, scheduler=scheduler, add_watermarker=False
             )
         self.folder = root / "diffusers"
         self.pipe.save_pretrained(self.folder)
-        self.sd = original_layout(self.models, refiner)
+        self.sd = original_layout(self.models, self.refiner)
 
     def write(self, path, sd: dict | None = None, nested: bool = False):
         sd = self.sd if sd is None else sd
@@ -195,11 +205,11 @@ class TinyXL:
 
     @property
     def diffusers_class(self) -> type:
-        return diffusers.StableDiffusionXLImg2ImgPipeline if self.refiner else diffusers.StableDiffusionXLPipeline
+        return getattr(diffusers, PIPELINES[self.kind])
 
     @property
     def minidiff_class(self) -> type:
-        return StableDiffusionXLImg2ImgPipeline if self.refiner else StableDiffusionXLPipeline
+        return getattr(minidiff, PIPELINES[self.kind])
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +218,7 @@ def tiny(tmp_path_factory):
 
     def get(name: str) -> TinyXL:
         if name not in built:
-            built[name] = TinyXL(tmp_path_factory.mktemp(name), refiner=name == "refiner")
+            built[name] = TinyXL(tmp_path_factory.mktemp(name), name)
         return built[name]
 
     return get
@@ -252,7 +262,7 @@ def assert_same_models(ours, t: TinyXL, round_to=None) -> None:
 # ---------------------------------------------------------------- the fixtures are what diffusers reads
 
 
-@pytest.mark.parametrize("name", ["base", "refiner"])
+@pytest.mark.parametrize("name", ["base", "refiner", "inpaint"])
 def test_diffusers_reads_the_fixture(tiny, files, offline, name):
     """diffusers' own from_single_file, told the saved folder as its offline config, gets every tensor back."""
     t = tiny(name)
@@ -272,6 +282,7 @@ def test_diffusers_reads_the_fixture(tiny, files, offline, name):
         ("refiner", "model.safetensors", False),
         ("base", "model.ckpt", False),
         ("refiner", "fp16.safetensors", True),
+        ("inpaint", "model.safetensors", False),
     ],
 )
 def test_loads_like_the_folder(tiny, files, tmp_path, name, filename, half):
@@ -373,7 +384,7 @@ def test_settings_and_overrides(tiny, files):
 # ---------------------------------------------------------------- minidiff convert, both ways
 
 
-@pytest.mark.parametrize("name", ["base", "refiner"])
+@pytest.mark.parametrize("name", ["base", "refiner", "inpaint"])
 def test_file_to_folder_to_file(tiny, files, tmp_path, offline, name):
     t = tiny(name)
     source = files(name)

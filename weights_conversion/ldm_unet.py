@@ -217,8 +217,9 @@ def _depths(
 ) -> int | list[int]:
     """transformer_layers_per_block as diffusers writes it: one int when every transformer (the
     mid block's too) has the same depth (SD 1.x / 2.x: 1, the SDXL refiner: 4), else one per level
-    with 1 at the levels without attention (SDXL base: [1, 2, 10]). diffusers gives the mid block
-    the last level's depth, so a file where they differ has no diffusers config."""
+    with 1 at the levels without attention (SDXL base: [1, 2, 10]); a folder that spelled one depth
+    as a list comes back as the int (the same network). diffusers gives the mid block the last
+    level's depth, so a file where they differ has no diffusers config."""
     mid = len(_indices(sd, "middle_block.1.transformer_blocks.")) if has_mid else None
     found = {d for d, c in zip(depths, cross) if c} | ({mid} if has_mid else set())
     if len(found) == 1:
