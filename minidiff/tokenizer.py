@@ -36,6 +36,19 @@ from weights_conversion.clip_vocab import vocab_and_merges  # OpenAI's BPE file 
 
 from . import files
 from .loading import CheckpointError, load_json, resolve_file
+from .tokenizer_inputs import (
+    _TOKEN_FLAGS,
+    BatchEncoding,
+    Token,
+    _as_added_token,
+    _check_text,
+    _longest_first,
+    _made_special,
+    _padding_mode,
+    _read_bpe_files,
+    _read_tokenizer_json,
+    _truncates,
+)
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -46,87 +59,7 @@ _DEFAULT_VOCAB = Path(__file__).resolve().parent / "data" / "bpe_simple_vocab_16
 # runs of anything else that is not whitespace (whitespace itself is dropped)
 _CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")  # transformers' order
-_TOKEN_FLAGS = ("content", "single_word", "lstrip", "rstrip", "normalized")
-
-Token = str | AddedToken
 TextInput = str | Sequence[str]
-
-
-class BatchEncoding(dict):
-    """`input_ids` and `attention_mask`, readable as keys or attributes (like transformers)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def _as_added_token(token: Token | dict[str, Any], name: str, special: bool = True) -> AddedToken:
-    """A token from a config: a string, or a serialised AddedToken dict whose flags matter
-    (`normalized: true`, as in older SD configs, makes `<|ENDOFTEXT|>` match after lowercasing)."""
-    if isinstance(token, AddedToken):
-        return token
-    if isinstance(token, str):
-        return AddedToken(token, special=special, normalized=False)
-    if isinstance(token, dict) and isinstance(token.get("content"), str):
-        return AddedToken(**{k: token[k] for k in _TOKEN_FLAGS if k in token}, special=special)
-    raise TypeError(f"{name} must be a string or an AddedToken dict with a 'content', got {token!r}")
-
-
-def _made_special(token: AddedToken) -> AddedToken:
-    """The same token flagged special (bos/eos/unk/pad always are: decode can skip them)."""
-    return token if token.special else AddedToken(**{k: getattr(token, k) for k in _TOKEN_FLAGS}, special=True)
-
-
-def _check_text(text: Any) -> tuple[list[str], bool]:
-    """The prompts as a list, and whether a single string was given."""
-    if isinstance(text, str):
-        return [text], False
-    if isinstance(text, (list, tuple)):
-        for i, t in enumerate(text):
-            if not isinstance(t, str):
-                raise TypeError(f"prompt {i} of the batch is a {type(t).__name__}, not a string: {t!r:.60}")
-        if not text:
-            raise ValueError("the batch of prompts is empty")
-        return list(text), True
-    raise TypeError(f"the prompt must be a string or a list of strings, got a {type(text).__name__}: {text!r:.60}")
-
-
-def _padding_mode(padding: bool | str) -> str | None:
-    """None (no padding), "longest" or "max_length"."""
-    if padding is False or padding == "do_not_pad":
-        return None
-    if padding is True or padding == "longest":
-        return "longest"
-    if padding == "max_length":
-        return "max_length"
-    raise ValueError(f"padding must be False, True, 'longest', 'max_length' or 'do_not_pad', got {padding!r}")
-
-
-def _truncates(truncation: bool | str | None) -> bool:
-    if truncation is None or truncation is False or truncation == "do_not_truncate":
-        return False
-    if truncation is True or truncation in ("longest_first", "only_first"):
-        return True
-    raise ValueError(f"truncation must be True, False or 'longest_first', got {truncation!r}")
-
-
-def _read_bpe_files(vocab_path: Path, merges_path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    try:
-        return BPE.read_file(str(vocab_path), str(merges_path))
-    except Exception as e:  # the Rust reader raises plain Exceptions
-        raise CheckpointError(f"cannot read the BPE files {vocab_path} and {merges_path}: {e}") from e
-
-
-def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The vocabulary and merges of a `tokenizers` tokenizer.json with a BPE model."""
-    model = load_json(path).get("model") or {}
-    vocab, merges = model.get("vocab"), model.get("merges")
-    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
-        raise CheckpointError(f"{path} does not hold a BPE model with a vocab and merges")
-    # merges are "a b" strings in older files, [a, b] pairs in newer ones
-    return vocab, [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
 
 
 def _token_id_property(name: str) -> property:
@@ -294,6 +227,39 @@ class CLIPTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self._tokenizer.get_vocab(with_added_tokens=True)
 
+    @property
+    def added_tokens_decoder(self) -> dict[int, AddedToken]:
+        """id -> AddedToken for the special tokens and every token added on top of the BPE vocabulary."""
+        return dict(sorted(self._tokenizer.get_added_tokens_decoder().items()))
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.added_tokens_decoder.items()}
+
+    def add_tokens(self, tokens: Token | Sequence[Token], special_tokens: bool = False) -> int:
+        """Add tokens (textual inversion's learned words) at the next free ids; returns how many were new.
+        A plain string is matched after normalisation (lowercased), as transformers adds it."""
+        tokens = [tokens] if isinstance(tokens, (str, AddedToken)) else list(tokens)
+        if special_tokens:
+            return self._tokenizer.add_special_tokens(tokens)
+        return self._tokenizer.add_tokens(tokens)
+
+    def remove_added_tokens(self, tokens: Sequence[str]) -> None:
+        """Remove non-special added tokens; the later ones move down to keep the ids contiguous (as
+        diffusers' unload_textual_inversion renumbers them)."""
+        state = json.loads(self._tokenizer.to_str())
+        specials = [t["id"] for t in state["added_tokens"] if t["special"]]
+        next_id = max(specials) + 1 if specials else self.vocab_size
+        kept = []
+        for t in state["added_tokens"]:
+            if t["content"] in tokens and not t["special"]:
+                continue
+            if not t["special"]:
+                t["id"], next_id = next_id, next_id + 1
+            kept.append(t)
+        state["added_tokens"] = kept
+        self._tokenizer = Tokenizer.from_str(json.dumps(state))
+
     bos_token_id = _token_id_property("bos_token")
     eos_token_id = _token_id_property("eos_token")
     pad_token_id = _token_id_property("pad_token")
@@ -368,26 +334,36 @@ class CLIPTokenizer:
     def __call__(
         self,
         text: TextInput,
+        text_pair: TextInput | None = None,
         padding: bool | str = False,
         max_length: int | None = None,
         truncation: bool | str | None = None,
         return_tensors: str | None = None,
         add_special_tokens: bool = True,
+        return_offsets_mapping: bool = False,
     ) -> BatchEncoding:
-        """Tokenise a prompt or a batch. Lists of ints unless return_tensors="pt" ((batch, length) int64).
+        """Tokenise a prompt or a batch (with `text_pair`: pairs). Lists of ints unless return_tensors="pt".
 
         As in transformers: max_length defaults to model_max_length when padding to "max_length" or
         truncating; a max_length alone (no padding, truncation unset) turns truncation on;
-        padding=True/"longest" pads to the longest prompt of the batch.
+        padding=True/"longest" pads to the longest prompt of the batch. A pair is
+        `BOS a EOS EOS b EOS` (RoBERTa's layout, which transformers' CLIPTokenizer uses), truncated
+        longest-first. `return_offsets_mapping`: each token's (start, end) characters in its text,
+        (0, 0) for special and padding tokens.
         """
         texts, batched = _check_text(text)
+        pairs = None
+        if text_pair is not None:
+            pairs, pair_batched = _check_text(text_pair)
+            if pair_batched != batched or len(pairs) != len(texts):
+                raise ValueError(f"text_pair must match text: {len(texts)} text(s), {len(pairs)} pair(s)")
         pad = _padding_mode(padding)
         if max_length is not None and pad is None and truncation is None:
             truncation = True
         truncate = _truncates(truncation)
         if max_length is None and (truncate or pad == "max_length"):
             max_length = self.model_max_length
-        n_special = 2 if add_special_tokens else 0
+        n_special = (4 if pairs else 2) if add_special_tokens else 0
         if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)):
             raise TypeError(f"max_length must be an integer, got {max_length!r}")
         if truncate and max_length < n_special:
@@ -395,16 +371,26 @@ class CLIPTokenizer:
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
 
-        rows = []
-        for enc in self._tokenizer.encode_batch(texts, add_special_tokens=False):
-            ids = enc.ids
-            if truncate:
-                ids = ids[: max_length - n_special]  # cut the words so the EOS stays last
-            rows.append([self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids)
+        firsts = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        seconds = self._tokenizer.encode_batch(pairs, add_special_tokens=False) if pairs else [None] * len(texts)
+        bos, eos = (self.bos_token_id, (0, 0)), (self.eos_token_id, (0, 0))
+        rows = []  # (id, offsets) per token
+        for first, second in zip(firsts, seconds, strict=True):
+            a = list(zip(first.ids, first.offsets))
+            b = list(zip(second.ids, second.offsets)) if second is not None else []
+            if truncate:  # cut the words so the EOS stays last
+                a, b = _longest_first(a, b, max_length - n_special)
+            if add_special_tokens:
+                rows.append([bos, *a, eos, *([eos, *b, eos] if second is not None else [])])
+            else:
+                rows.append(a + b)
 
         target = max(map(len, rows)) if pad == "longest" else max_length if pad == "max_length" else 0
         masks = [[1] * len(r) + [0] * max(target - len(r), 0) for r in rows]
-        rows = [r + [self.pad_token_id] * max(target - len(r), 0) for r in rows]
+        rows = [r + [(self.pad_token_id, (0, 0))] * max(target - len(r), 0) for r in rows]
+        out = {"input_ids": [[i for i, _ in r] for r in rows], "attention_mask": masks}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [[o for _, o in r] for r in rows]
 
         if return_tensors == "pt":
             if len({len(r) for r in rows}) > 1:
@@ -412,22 +398,28 @@ class CLIPTokenizer:
                     "the prompts have different token counts; use padding=True or padding='max_length' "
                     "(with truncation=True) to return them as one tensor"
                 )
-            return BatchEncoding(
-                input_ids=torch.tensor(rows, dtype=torch.long), attention_mask=torch.tensor(masks, dtype=torch.long)
-            )
-        if not batched:
-            return BatchEncoding(input_ids=rows[0], attention_mask=masks[0])
-        return BatchEncoding(input_ids=rows, attention_mask=masks)
+            return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()})
+        return BatchEncoding(out if batched else {k: v[0] for k, v in out.items()})
 
     # ------------------------------------------------------------------ decoding
 
-    def decode(self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        """Token ids -> text. `</w>` marks word ends, so it becomes a space (transformers does the same)."""
+    def decode(
+        self,
+        ids: int | Sequence[int] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
+        """Token ids -> text. `</w>` marks word ends, so it becomes a space (transformers does the same).
+        `clean_up_tokenization_spaces` is accepted and changes nothing: transformers 5 skips that
+        WordPiece clean-up for CLIP's BPE (it would join "a ," into "a,")."""
         text = self._tokenizer.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
         return text.replace(END_OF_WORD, " ").strip()
 
     def batch_decode(
-        self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+        self,
+        sequences: Sequence[Sequence[int]] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
     ) -> list[str]:
         if isinstance(sequences, torch.Tensor) and sequences.dim() != 2:
             raise ValueError(f"batch_decode expects a 2-d tensor (batch, length), got shape {tuple(sequences.shape)}")
