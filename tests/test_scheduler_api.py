@@ -14,6 +14,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from test_schedulers import SD, SHAPE, model, normalized, takes
@@ -214,3 +215,44 @@ def test_ddpm_and_ddim_get_variance():
     mine, ref = both("DDIMScheduler")
     for t, prev in ((0, 0), (420, 400), (980, 960), (5, -15)):
         torch.testing.assert_close(mine._get_variance(t, prev), ref._get_variance(t, prev))
+
+
+FLOW_CASES = [
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), dict(num_inference_steps=8)),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0), dict(num_inference_steps=7)),
+    (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), dict(sigmas=np.array([1.0, 0.8, 0.5, 0.3, 0.1]))),
+    (dict(use_flow_sigmas=True, use_karras_sigmas=True, sigma_min=0.01, sigma_max=200.0), dict(num_inference_steps=5)),
+    (dict(use_flow_sigmas=True, final_sigmas_type="sigma_min", solver_order=3), dict(num_inference_steps=6)),
+]
+
+
+@pytest.mark.parametrize("config,set_kwargs", FLOW_CASES)
+def test_unipc_flow_sigmas(config, set_kwargs):
+    """UniPC for flow-matching models (x = (1 - σ) x_0 + σ ε): timesteps, σ's, add_noise and a whole loop."""
+    mine, ref = both("UniPCMultistepScheduler", **config)
+    for s in (mine, ref):
+        s.set_timesteps(**set_kwargs)
+    assert mine.timesteps.dtype == ref.timesteps.dtype and torch.equal(mine.timesteps, ref.timesteps)
+    torch.testing.assert_close(mine.sigmas, ref.sigmas, rtol=1e-6, atol=1e-7)
+    x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    t = mine.timesteps[2:3]
+    torch.testing.assert_close(mine.add_noise(x0, noise, t), ref.add_noise(x0, noise, ref.timesteps[2:3]))
+    trajectories = []
+    for s in (mine, ref):
+        s.set_timesteps(**set_kwargs)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        for t in s.timesteps:
+            x = s.step(model(x, t), t, x).prev_sample
+        trajectories.append(x)
+    torch.testing.assert_close(trajectories[0], trajectories[1], rtol=1e-4, atol=1e-5)
+
+
+def test_unipc_flow_bad_inputs():
+    with pytest.raises(ValueError, match="use_flow_sigmas"):
+        ms.UniPCMultistepScheduler().set_timesteps(sigmas=[0.5, 0.2])
+    with pytest.raises(ValueError, match="predict_x0"):
+        ms.UniPCMultistepScheduler(prediction_type="flow_prediction", predict_x0=False)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        ms.UniPCMultistepScheduler(use_flow_sigmas=True).set_timesteps(sigmas=[1.5, 0.2])
+    with pytest.raises(ValueError, match="only with use_karras_sigmas"):
+        ms.UniPCMultistepScheduler(use_flow_sigmas=True, use_beta_sigmas=True).set_timesteps(4)

@@ -342,9 +342,14 @@ class SigmaScheduler(SchedulerMixin):
             indices = [self._step_index if self._step_index is not None else self._begin_index] * timesteps.numel()
         sigma = expand_to(sigmas[indices], original_samples)
         if self._variance_preserving:
-            alpha = 1 / (sigma**2 + 1) ** 0.5
-            return alpha * original_samples + sigma * alpha * noise
+            alpha, sigma_t = self._alpha_sigma_t(sigma)
+            return alpha * original_samples + sigma_t * noise
         return original_samples + noise * sigma
+
+    def _alpha_sigma_t(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) of the VP sample x = α_t x_0 + σ_t ε at noise level σ (UniPC's flow form overrides it)."""
+        alpha = 1 / (sigma**2 + 1) ** 0.5
+        return alpha, sigma * alpha
 
 
 class VPSolverScheduler(SigmaScheduler):

@@ -284,3 +284,17 @@ def alpha_sigma_lambda(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     alpha_t = 1 / (sigma**2 + 1) ** 0.5
     sigma_t = sigma * alpha_t
     return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
+
+
+def flow_sigmas(n: int, num_train_timesteps: int, shift: float, sigmas: list[float] | None = None) -> np.ndarray:
+    """Flow-matching σ's: `sigmas`, or n evenly spaced from 1 down to 1/T; shifted as σ' = s σ / (1 + (s - 1) σ)
+    (SD 3's timestep shift); a first σ of 1 is nudged to 1 - 1e-6 so that log α = log(1 - σ) stays finite."""
+    if sigmas is None:
+        sigmas = np.linspace(1, 1 / num_train_timesteps, n + 1)[:-1]
+    sigmas = np.array(sigmas, dtype=np.float64)
+    if sigmas.ndim != 1 or len(sigmas) == 0 or not np.all((sigmas > 0) & (sigmas <= 1)):
+        raise ValueError(f"flow sigmas must be a non-empty list of values in (0, 1], got {sigmas.tolist()}")
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    if abs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6
+    return sigmas

@@ -24,6 +24,7 @@ import torch
 from .base import Device, SchedulerOutput, VPSolverScheduler
 from .config import (
     FINAL_SIGMAS_TYPES,
+    PREDICTION_TYPES,
     DynamicThresholdingKeys,
     FlowKeys,
     NoiseScheduleConfig,
@@ -31,7 +32,7 @@ from .config import (
     not_implemented,
     one_of,
 )
-from .schedule import alpha_sigma_lambda, dynamic_threshold, solver_timesteps, vp_x0_eps
+from .schedule import alpha_sigma_lambda, dynamic_threshold, flow_sigmas, solver_timesteps, vp_x0_eps
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class UniPCMultistepConfig(FlowKeys, SigmaSpacingKeys, DynamicThresholdingKeys, 
     sigma_min: float | None = None  # the Karras σ range, when set
     sigma_max: float | None = None
     shift_terminal: float | None = not_implemented(None)
+    # flow matching (SD 3 / Flux-style models): x = (1 - σ) x_0 + σ ε, σ in (0, 1]
+    use_flow_sigmas: bool = False
+    prediction_type: str = one_of("epsilon", (*PREDICTION_TYPES, "flow_prediction"))
 
 
 class UniPCMultistepScheduler(VPSolverScheduler):
@@ -58,6 +62,8 @@ class UniPCMultistepScheduler(VPSolverScheduler):
     def __init__(self, **config: Any) -> None:
         super().__init__(**config)
         self.predict_x0 = self.config.predict_x0
+        if self.config.prediction_type == "flow_prediction" and not self.predict_x0:
+            raise ValueError("UniPCMultistepScheduler: prediction_type='flow_prediction' needs predict_x0=True")
         self.disable_corrector = list(self.config.disable_corrector)
         self._reset_history()
 
@@ -70,13 +76,13 @@ class UniPCMultistepScheduler(VPSolverScheduler):
     def set_timesteps(
         self, num_inference_steps: int | None = None, device: Device = None, sigmas: list[float] | None = None
     ) -> None:
-        """`num_inference_steps` spaced steps (custom `sigmas` are for flow-matching models, not implemented)."""
-        if sigmas is not None:
-            raise ValueError(
-                "UniPCMultistepScheduler takes custom sigmas only with use_flow_sigmas=True (not implemented)"
-            )
+        """`num_inference_steps` spaced steps, or (flow matching only) the given `sigmas`."""
         c = self.config
-        n = self._check_num_steps(num_inference_steps)
+        if sigmas is not None and not c.use_flow_sigmas:
+            raise ValueError("UniPCMultistepScheduler takes custom sigmas only with use_flow_sigmas=True")
+        n = len(sigmas) if sigmas is not None else self._check_num_steps(num_inference_steps)
+        if c.use_flow_sigmas:
+            return self._set_flow_timesteps(n, sigmas, device)
         ts = solver_timesteps(c.timestep_spacing, n, c.num_train_timesteps, c.steps_offset)
         train = self.train_sigmas
         if respaced := self._respaced(train[0].item(), train[-1].item(), n):
@@ -89,11 +95,43 @@ class UniPCMultistepScheduler(VPSolverScheduler):
             sigma_last = 0.0 if c.final_sigmas_type == "zero" else train[0].item()
         self._set_solver_table(ts, sigmas, sigma_last, device)
 
+    def _set_flow_timesteps(self, n: int, sigmas: list[float] | None, device: Device) -> None:
+        """Flow σ's: Karras' σ's of the VP schedule mapped to σ / (σ + 1), else `sigmas` or n evenly spaced in
+        (0, 1], shifted by flow_shift; t = σ T (truncated to integers, as in diffusers)."""
+        c = self.config
+        if c.use_exponential_sigmas or c.use_beta_sigmas:
+            raise ValueError("UniPCMultistepScheduler: use_flow_sigmas combines only with use_karras_sigmas")
+        if c.use_karras_sigmas:
+            if sigmas is not None:
+                raise ValueError("UniPCMultistepScheduler: custom sigmas with use_karras_sigmas are not supported")
+            ve = self._respaced(self.train_sigmas[0].item(), self.train_sigmas[-1].item(), n)[0]
+            flow = ve / (ve + 1)
+        else:
+            flow = flow_sigmas(n, c.num_train_timesteps, c.flow_shift, sigmas)
+        sigma_last = 0.0 if c.final_sigmas_type == "zero" else flow[-1]
+        self._set_solver_table(flow * c.num_train_timesteps, flow, sigma_last, device)
+
+    def _alpha_sigma_t(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.use_flow_sigmas:
+            return 1 - sigma, sigma
+        return super()._alpha_sigma_t(sigma)
+
+    def _alpha_sigma_lambda(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t, λ_t = log α_t - log σ_t) at σ: the VP form, or the flow form α_t = 1 - σ, σ_t = σ."""
+        if not self.config.use_flow_sigmas:
+            return alpha_sigma_lambda(sigma)
+        alpha_t, sigma_t = self._alpha_sigma_t(sigma)
+        return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
+
     def _convert(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The solver's variable at the current σ: x̂_0 (predict_x0) or ε̂."""
-        alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[self._step_index])
+        sigma = self.sigmas[self._step_index]
+        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(sigma)
         if self.predict_x0:
-            x0 = vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
+            if self.config.prediction_type == "flow_prediction":  # the network predicts the velocity ε - x_0
+                x0 = sample - sigma * model_output
+            else:
+                x0 = vp_x0_eps(model_output, sample, alpha_t, sigma_t, self.config.prediction_type)[0]
             if self.config.thresholding:
                 x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
             return x0
@@ -107,14 +145,14 @@ class UniPCMultistepScheduler(VPSolverScheduler):
         m_t given: the corrector (UniC), which also uses the output at the target; else the predictor (UniP).
         """
         device = x.device
-        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[t].to(device))
-        alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[s].to(device))
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.sigmas[t].to(device))
+        alpha_s, sigma_s, lambda_s = self._alpha_sigma_lambda(self.sigmas[s].to(device))
         h = lambda_t - lambda_s
         m = self.model_outputs
         m_s = m[-1]
         rks, D1s = [], []
         for k in range(1, order):
-            lambda_k = alpha_sigma_lambda(self.sigmas[s - k].to(device))[2]
+            lambda_k = self._alpha_sigma_lambda(self.sigmas[s - k].to(device))[2]
             rk = (lambda_k - lambda_s) / h
             rks.append(rk)
             D1s.append((m[-(k + 1)] - m_s) / rk)
