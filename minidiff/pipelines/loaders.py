@@ -13,6 +13,7 @@ as transformers' add_tokens gives it) and a new row of the text encoder's embedd
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -305,7 +306,8 @@ class TextualInversionLoaderMixin:
         embedding = nn.Embedding(table.shape[0], table.shape[1], device=table.device, dtype=table.dtype)
         embedding.weight.data.copy_(table)
         text_encoder.token_embedding = embedding
-        text_encoder.config.vocab_size = table.shape[0]
+        # the config says how many ids the encoder accepts (it checks input ids against it)
+        text_encoder.config = dataclasses.replace(text_encoder.config, vocab_size=table.shape[0])
 
     def maybe_convert_prompt(self, prompt: str | list[str], tokenizer: Any) -> str | list[str]:
         """Expand each multi-vector token to `tok tok_1 … tok_{n-1}` (prompts without one are unchanged)."""

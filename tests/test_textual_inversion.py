@@ -1,0 +1,149 @@
+"""Textual-inversion embeddings in every supported format, written by the test, loaded into diffusers and
+minidiff: the same added tokens and ids, the same text embeddings and the same seeded images; compel's
+DiffusersTextualInversionManager on a minidiff pipeline; unload gives the base pipeline back."""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+from conftest import rel_err, save_tiny_sd
+from safetensors.torch import save_file
+
+import minidiff
+
+TOL = 3e-4
+WIDTH = 32  # the tiny text encoder's hidden size
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("ti") / "sd1", "sd1")
+
+
+@pytest.fixture
+def pipes(folder):
+    """Fresh pipelines per test: loading embeddings changes the tokenizer and the text encoder."""
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False
+    )
+    ours = minidiff.StableDiffusionPipeline.from_pretrained(folder)
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+    return theirs, ours
+
+
+def vectors(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def write_a1111_pt(path, token: str, emb: torch.Tensor) -> None:
+    """stable-diffusion-webui's embedding .pt (its extra entries included)."""
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": emb}, "name": token, "step": 3000}
+    torch.save(data | {"sd_checkpoint": "a1b2c3", "sd_checkpoint_name": "v1-5"}, path)
+
+
+FORMATS = {
+    # name: (write(path, token, emb), file name, token passed to load_textual_inversion)
+    "a1111 .pt": (write_a1111_pt, "emb.pt", None),
+    "a1111 .safetensors": (lambda p, t, e: save_file({"emb_params": e}, str(p)), "emb.safetensors", "<tok>"),
+    "diffusers .bin": (lambda p, t, e: torch.save({t: e[0] if len(e) == 1 else e}, p), "learned_embeds.bin", None),
+    "diffusers .safetensors": (lambda p, t, e: save_file({t: e}, str(p)), "learned_embeds.safetensors", None),
+}
+
+
+def embed(pipe, prompt: str) -> torch.Tensor:
+    prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def image(pipe, prompt: str) -> torch.Tensor:
+    out = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    return torch.from_numpy(out.images)
+
+
+@pytest.mark.parametrize("n_vectors", [1, 3])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding_matches_diffusers(pipes, tmp_path, fmt, n_vectors):
+    theirs, ours = pipes
+    write, name, token = FORMATS[fmt]
+    write(tmp_path / name, "<tok>", vectors(n_vectors, 1))
+    source = tmp_path / name if name.startswith("emb") else tmp_path  # diffusers' file names: a folder
+    base = embed(ours, "a <tok> photo")
+    for p in pipes:
+        p.load_textual_inversion(source, token=token)
+    assert ours.tokenizer.added_tokens_encoder == theirs.tokenizer.added_tokens_encoder
+    assert ours.maybe_convert_prompt("a <tok> photo", ours.tokenizer) == theirs.maybe_convert_prompt(
+        "a <tok> photo", theirs.tokenizer
+    )
+    a, b = embed(theirs, "a <tok> photo"), embed(ours, "a <tok> photo")
+    assert rel_err(b, a) < 1e-5 and rel_err(b, base) > 1e-2
+    if n_vectors == 1:  # the pipelines expand multi-vector tokens themselves only where encode_prompt does
+        assert (image(ours, "a <tok> photo") - image(theirs, "a <tok> photo")).abs().max() < TOL
+
+
+def test_tensor_list_and_unload(pipes):
+    theirs, ours = pipes
+    base_image = image(ours, "a <a> and <b>")
+    base_vocab = len(ours.tokenizer)
+    for p in pipes:
+        p.load_textual_inversion([vectors(1, 2)[0], {"<b>": vectors(2, 3)}], token=["<a>", None])
+        p.load_textual_inversion(vectors(1, 4), token="<c>")
+    assert ours.tokenizer.added_tokens_encoder == theirs.tokenizer.added_tokens_encoder
+    for prompt in ("a <a> and <b>", "<c>, <b> <a>"):
+        assert rel_err(embed(ours, prompt), embed(theirs, prompt)) < 1e-5
+    for p in pipes:
+        p.unload_textual_inversion("<a>")
+    assert ours.tokenizer.added_tokens_encoder == theirs.tokenizer.added_tokens_encoder
+    assert rel_err(embed(ours, "<c>, <b> <a>"), embed(theirs, "<c>, <b> <a>")) < 1e-5
+    for p in pipes:
+        p.unload_textual_inversion()
+    assert len(ours.tokenizer) == base_vocab == ours.text_encoder.get_input_embeddings().weight.shape[0]
+    assert torch.equal(image(ours, "a <a> and <b>"), base_image)
+
+
+def test_compel_manager_works_on_a_minidiff_pipeline(pipes):
+    compel = pytest.importorskip("compel")
+    out = []
+    for p in pipes:
+        p.load_textual_inversion(vectors(3, 5), token=["<x>", "<y>", "<z>"])
+        p.load_textual_inversion({"<multi>": vectors(2, 6)})
+        manager = compel.DiffusersTextualInversionManager(p)
+        c = compel.Compel(tokenizer=p.tokenizer, text_encoder=p.text_encoder, textual_inversion_manager=manager)
+        with torch.no_grad():
+            out.append(c("a (<x> <multi>)1.3 photo of <z>"))
+    assert rel_err(out[1], out[0]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "source, token, message",
+    [
+        ({"a": torch.ones(WIDTH), "b": torch.ones(WIDTH)}, None, "unknown embedding file"),
+        ({"<t>": torch.ones(WIDTH + 1)}, None, "width"),
+        (torch.ones(WIDTH), None, "needs its token"),
+        ({"clip_l": torch.ones(1, WIDTH), "clip_g": torch.ones(1, 64)}, None, "SDXL"),
+        ({"<|endoftext|>": torch.ones(WIDTH)}, None, "already in the tokenizer"),
+    ],
+)
+def test_bad_embeddings_are_refused(folder, source, token, message):
+    ours = minidiff.StableDiffusionPipeline.from_pretrained(folder)
+    vocab = len(ours.tokenizer)
+    with pytest.raises(ValueError, match=message):
+        ours.load_textual_inversion(source, token=token)
+    assert len(ours.tokenizer) == vocab == ours.text_encoder.get_input_embeddings().weight.shape[0]
+
+
+def test_malicious_pickle_is_not_run(folder, tmp_path):
+    ours = minidiff.StableDiffusionPipeline.from_pretrained(folder)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"string_to_param": {"*": Evil()}, "name": "<evil>"}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        ours.load_textual_inversion(tmp_path / "evil.pt")
+    assert not marker.exists()
