@@ -128,7 +128,8 @@ class SigmaSpacingKeys(SigmaKeys):
 
 @dataclass(frozen=True)
 class FlowKeys:
-    """The flow-matching options of the multistep solvers (SD 3 / Flux models): accepted only when off."""
+    """The flow-matching options of the multistep solvers (SD 3 / Flux models): accepted only when off, but
+    UniPC implements use_flow_sigmas (and flow_shift)."""
 
     use_flow_sigmas: bool = not_implemented(False)
     flow_shift: float = 1.0
