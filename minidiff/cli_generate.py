@@ -26,6 +26,7 @@ from .files import DestinationError
 from .ldm_file import SingleFile, read_single_file
 from .loading import CheckpointError, load_config
 from .pipelines import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from .pipelines.loaders import load_lora_and_embeddings
 from .schedulers.names import NAMES_HELP, scheduler_from_name, scheduler_options
 from .single_file import load_pipeline
 
@@ -197,6 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.outdir is not None or args.batch_size is not None:
         raise CLIError("minidiff generate: --outdir and --batch-size go with --prompts FILE")
     check_numbers("generate", args)
+    loras, embeddings = adapter_specs("generate", args)
     output = args.output or "minidiff.png"
     check_output("generate", output, args.num_images)
     model = args.model or DEFAULT_MODEL  # the bundled toy model: offline, 64x64, shapes
@@ -204,6 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refiner = _check_refiner(args, base)
     _set_threads(args.threads, 1)
     pipe = _load(base, args)
+    load_lora_and_embeddings(pipe, loras, embeddings)
     # a CPU generator: the same seed gives the same image as the Python API (and as diffusers)
     generator = torch.Generator().manual_seed(args.seed)
     call = dict(
@@ -225,6 +228,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in save_images(images, output):
         print(path)
     return 0
+
+
+def adapter_specs(cmd: str, args: argparse.Namespace) -> tuple[list[tuple[str, float]], list[tuple[str, str | None]]]:
+    """--lora FILE[:SCALE] and --embedding FILE[:TOKEN], checked before any model loads."""
+
+    def split(spec: str, flag: str) -> tuple[str, str | None]:
+        path, sep, tail = spec.rpartition(":")
+        if not sep or os.path.isfile(spec) or not path:
+            path, tail = spec, None
+        if not os.path.isfile(path):
+            raise CLIError(f"minidiff {cmd}: {flag} {spec}: no such file {path}")
+        return path, tail
+
+    loras = []
+    for spec in args.lora or []:
+        path, scale = split(spec, "--lora")
+        try:
+            loras.append((path, 1.0 if scale is None else float(scale)))
+        except ValueError:
+            raise CLIError(f"minidiff {cmd}: --lora {spec}: the scale after ':' must be a number") from None
+    return loras, [split(spec, "--embedding") for spec in args.embedding or []]
 
 
 def _check_refiner(args: argparse.Namespace, base: ModelSource) -> ModelSource | None:
@@ -270,6 +294,7 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
             "minidiff generate: --output and --num-images are for one prompt; --prompts writes into --outdir"
         )
     check_numbers("generate", args)
+    loras, embeddings = adapter_specs("generate", args)
     dtype = parse_dtype(args.dtype)
     scheduler, options = pick_scheduler(args.scheduler) if args.scheduler else (None, {})
     if options:  # a prompt file's "scheduler" names a class
@@ -303,6 +328,7 @@ def cmd_generate_many(args: argparse.Namespace) -> int:
     world = World.init(device.type)  # torchrun's process group, or the world of one
     _set_threads(args.threads, world.local_size)
     pipe = source.load().to(device, dtype)
+    load_lora_and_embeddings(pipe, loras, embeddings)
     try:
         summary = generate_many(
             pipe,
@@ -371,6 +397,15 @@ def add_generate_parser(sub: argparse._SubParsersAction, common: argparse.Argume
         "--output", default=None, help="PNG path (default minidiff.png); several images get -0, -1, ... suffixes"
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads, shared by the ranks on this machine")
+    p.add_argument(
+        "--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA file at SCALE (default 1); repeatable"
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        metavar="FILE[:TOKEN]",
+        help="a textual-inversion embedding as TOKEN; repeatable",
+    )
     many = p.add_argument_group(
         "many images",
         "FILE: one prompt a line, or JSONL with per-item prompt, negative_prompt, seed, steps, guidance, height, "

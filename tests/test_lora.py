@@ -342,3 +342,38 @@ def test_malicious_pickle_is_not_run(our_pipe, tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         ours.load_lora_weights(tmp_path / "evil.bin")
     assert not marker.exists()
+
+
+def test_cli_lora_and_embedding_flags_equal_the_api(folder, our_pipe, tmp_path):
+    """minidiff generate --lora FILE[:SCALE] … --embedding FILE[:TOKEN] gives the Python API's image."""
+    from PIL import Image
+
+    from minidiff.cli import main
+
+    write_kohya(random_lora(our_pipe_as_diffusers_names(folder), 6, alpha=2.0), tmp_path / "a.safetensors")
+    write_peft(random_lora(our_pipe_as_diffusers_names(folder), 7), tmp_path / "b.safetensors")
+    torch.save({"<tok>": torch.randn(2, 32, generator=torch.Generator().manual_seed(8))}, tmp_path / "emb.bin")
+    out = tmp_path / "cli.png"
+    argv = ["generate", "a <mine> cat", "--model", str(folder), "--steps", "2", "--seed", "3", "--output", str(out)]
+    argv += ["--lora", f"{tmp_path / 'a.safetensors'}:0.6", "--lora", str(tmp_path / "b.safetensors")]
+    argv += ["--embedding", f"{tmp_path / 'emb.bin'}:<mine>"]
+    assert main(argv) == 0
+    pipe = minidiff.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "a.safetensors", adapter_name="x")
+    pipe.load_lora_weights(tmp_path / "b.safetensors", adapter_name="y")
+    pipe.set_adapters(["x", "y"], [0.6, 1.0])
+    pipe.load_textual_inversion(tmp_path / "emb.bin", token="<mine>")
+    expected = pipe(
+        "a <mine> cat", num_inference_steps=2, guidance_scale=7.5, generator=torch.Generator().manual_seed(3)
+    )
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected.images[0]))
+    with pytest.raises(SystemExit, match="scale after ':' must be a number"):
+        main(argv[:-4] + ["--lora", f"{tmp_path / 'a.safetensors'}:big"])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(argv[:-4] + ["--embedding", str(tmp_path / "missing.pt")])
+
+
+def our_pipe_as_diffusers_names(folder):
+    """The diffusers UNet / text encoder (module names only) the LoRA files are written for."""
+    return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)

@@ -345,3 +345,24 @@ class TextualInversionLoaderMixin:
         old = text_encoder.get_input_embeddings().weight.detach()
         keep = [i for i in range(old.shape[0]) if i not in remove]
         self._set_embeddings(text_encoder, old[keep].clone())
+
+
+def load_lora_and_embeddings(
+    pipe: Any, loras: Sequence[tuple[str, float]] = (), embeddings: Sequence[tuple[str, str | None]] = ()
+) -> None:
+    """The CLI's --lora FILE[:SCALE] and --embedding FILE[:TOKEN]: every LoRA active at its scale, every
+    embedding added (an SDXL file's clip_l / clip_g into both encoders). A file whose token is not in it
+    (A1111 .safetensors, SDXL) gets its file name's stem as the token unless one is given."""
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+    if loras:
+        pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], [scale for _, scale in loras])
+    for path, token in embeddings:
+        data, _ = _read(Path(path))
+        if token is None and ("emb_params" in data or "clip_l" in data):
+            token = Path(path).stem
+        if "clip_l" in data and getattr(pipe, "text_encoder_2", None) is not None:
+            pipe.load_textual_inversion(data, token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(data, token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+        else:
+            pipe.load_textual_inversion(data, token=token)
