@@ -4,14 +4,18 @@ the models' kinds are told apart before any weight loads."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import REFERENCE_CONFIGS
 from PIL import Image
 from test_sdxl_pipelines import save_tiny_sdxl
 
+from minidiff import cli_generate
 from minidiff.cli import main
-from minidiff.cli_generate import CLIError
+from minidiff.cli_generate import FAMILY_PIPELINES, CLIError, find_model
 from minidiff.pipelines import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 
@@ -97,8 +101,6 @@ def test_generate_refuses_the_wrong_kinds_before_loading(folders, tmp_path, monk
 def test_generate_single_file_goes_to_load_pipeline(folders, tmp_path, monkeypatch):
     """A file as --model is read once, its family picks the class, and load_pipeline builds it (the file
     formats themselves are test_sdxl_single_file's)."""
-    from minidiff import cli_generate
-
     fake = tmp_path / "sdxl-base.safetensors"
     fake.write_bytes(b"not read")
     read = type("Read", (), {"family": "sdxl"})()
@@ -120,3 +122,19 @@ def test_generate_unreadable_file_is_one_line_error(tmp_path):
     bad.write_bytes(b"\x00" * 16)
     with pytest.raises(CLIError, match="broken.safetensors"):
         main(["generate", "a cat", "--model", str(bad), "--output", str(tmp_path / "x.png")])
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [("sdxl-base-1.0", "sdxl"), ("sdxl-refiner-1.0", "sdxl-refiner"), ("sd-v1-5", "sd")],
+)
+def test_kind_from_the_real_model_index(tmp_path, name, family):
+    """The Hub folders' own model_index.json files (../shared/reference-configs) tell the kinds apart."""
+    index = REFERENCE_CONFIGS / f"{name}.model_index.json"
+    if not index.is_file():
+        pytest.fail(f"missing reference config {index}")
+    (tmp_path / "model_index.json").write_text(index.read_text())
+    source = find_model("generate", str(tmp_path), local_files_only=True)
+    assert source.family == family and source.single_file is None
+    cls = FAMILY_PIPELINES[family]
+    assert json.loads(index.read_text())["_class_name"] == cls.__name__

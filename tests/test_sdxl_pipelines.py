@@ -218,7 +218,7 @@ def test_encode_prompt_and_embeddings_passed_in(folders):
 
 def test_fp16_vae_decodes_in_float32(folders):
     """force_upcast: a float16 VAE decodes in float32 and is float16 again afterwards, as in diffusers."""
-    _, ours = pipes(folders["base"], "StableDiffusionXLPipeline")
+    ours = StableDiffusionXLPipeline.from_pretrained(folders["base"])  # its own: a float16 round trip rounds weights
     seen = []
     hook = ours.vae.post_quant_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     ours.vae.to(torch.float16)
@@ -228,8 +228,37 @@ def test_fp16_vae_decodes_in_float32(folders):
         assert seen == [torch.float32] and image.dtype == torch.float32
         assert ours.vae.dtype == torch.float16  # back as it was
     finally:
-        ours.vae.to(torch.float32)
         hook.remove()
+    # the whole pipeline in float16, both libraries (VAE upcast for the decode): float16 arithmetic's agreement
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        folders["base"], torch_dtype=torch.float16, add_watermarker=False
+    )
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+    ours.to(torch.float16)
+    a = theirs("a cat", num_inference_steps=3, output_type="np", generator=seeded(2)).images
+    b = ours("a cat", num_inference_steps=3, output_type="np", generator=seeded(2)).images
+    assert ours.vae.dtype == torch.float16 and np.abs(a - b).max() < 1e-2
+
+
+def test_callbacks_and_lora_scale_without_lora(folders):
+    """A callback that edits the latents and reads the added conditioning; diffusers' SDXLCFGCutoffCallback
+    (guidance off half way, every guidance-batch tensor cut to its positive half); a LoRA scale with no
+    LoRA loaded changes nothing."""
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    seen = []
+
+    def halve(pipe, i, t, tensors):
+        seen.append(tuple(tensors["add_time_ids"].shape))
+        return {"latents": tensors["latents"] * 0.5} if i == 1 else tensors
+
+    inputs = ["latents", "add_time_ids"]
+    run = lambda **kw: compare(folders["base"], "StableDiffusionXLPipeline", prompt="a cat", **kw)  # noqa: E731
+    run(callback_on_step_end=halve, callback_on_step_end_tensor_inputs=inputs)
+    assert seen[:4] == [(2, 6)] * 4  # diffusers' 4 steps, then ours
+    run(callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=0.5), negative_prompt="blurry")
+    run(cross_attention_kwargs={"scale": 0.5})
 
 
 # -- the refiner, image to image ------------------------------------------------------------------------
