@@ -327,8 +327,6 @@ def test_low_precision_samples_match_diffusers(name, dtype, tol):
         ("KDPM2DiscreteScheduler", dict(beta_schedule="cubic"), "beta_schedule"),
         ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, use_exponential_sigmas=True), "only one"),
         ("LCMScheduler", dict(prediction_type="noise"), "prediction_type"),
-        ("TCDScheduler", dict(thresholding=True), "thresholding"),  # TCD's step (diffusers') ignores them
-        ("TCDScheduler", dict(clip_sample=True), "clip_sample"),
         ("TCDScheduler", dict(beta_schedule="sigmoid"), "beta_schedule"),
         ("EDMEulerScheduler", dict(sigma_schedule="linear"), "sigma_schedule"),
         ("EDMEulerScheduler", dict(final_sigmas_type="denoise_to_zero"), "final_sigmas_type"),
@@ -342,6 +340,17 @@ def test_low_precision_samples_match_diffusers(name, dtype, tol):
 def test_bad_options(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
         getattr(ms, name)(**kwargs)
+
+
+@pytest.mark.parametrize("key", ["clip_sample", "thresholding"])
+def test_tcd_ignored_options_warn_and_match_diffusers(key, caplog):
+    """TCD's config carries LCM's clip_sample / thresholding, which its step never applies (diffusers' neither):
+    accepted as diffusers does, with a warning instead of silence, and the same steps as diffusers."""
+    with caplog.at_level("WARNING"):
+        ours = ms.TCDScheduler(**{key: True})
+    assert f"{key}=True has no effect" in caplog.text
+    outs = [run_in_dtype(s, torch.float32, steps=4) for s in (ours, diffusers.TCDScheduler(**{key: True}))]
+    assert rel_err(outs[0], outs[1]) <= 1e-6
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +24,10 @@ import torch
 from ..noise import randn_tensor
 from ..outputs import BaseOutput
 from .base import RNG, Tensor, Timestep
-from .config import not_implemented
 from .lcm import LCMConfig, LCMScheduler
 from .schedule import vp_x0_eps
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,9 +40,13 @@ class TCDSchedulerOutput(BaseOutput):
 
 @dataclass(frozen=True)
 class TCDConfig(LCMConfig):
-    # keys TCD carries from LCM but whose step does not apply them (diffusers ignores them): refused
-    clip_sample: bool = not_implemented(False)
-    thresholding: bool = not_implemented(False)
+    def __post_init__(self) -> None:
+        # keys TCD carries from LCM's config but its step never applies (diffusers' neither): accepted, said aloud
+        for key in ("clip_sample", "thresholding"):
+            if getattr(self, key):
+                logger.warning(
+                    f"TCDScheduler: {key}=True has no effect (TCD's step does not apply it, as in diffusers)"
+                )
 
 
 class TCDScheduler(LCMScheduler):
