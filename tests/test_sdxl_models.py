@@ -189,6 +189,20 @@ def test_tiny_save_pretrained_loads_bit_exact_in_diffusers(tiny_unets, name, tmp
     assert as_tuples(back.config) == as_tuples(ref.config)
 
 
+def test_tiny_sharded_fp16_variant_loads(tmp_path):
+    """A sharded fp16 variant (diffusion_pytorch_model.safetensors.index.fp16.json + its shards)."""
+    torch.manual_seed(0)
+    ref = perturb(diffusers.UNet2DConditionModel(**TINY["refiner"]).eval(), seed=12).half()
+    # 500 KB: no shard's header length ends in 0x80 (200 and 300 KB hit the xfail below's loading.py bug)
+    ref.save_pretrained(tmp_path, variant="fp16", max_shard_size="500KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ours = UNet2DConditionModel.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    theirs, mine = ref.state_dict(), ours.weights_format.export(ours.state_dict(), ours.config)
+    assert theirs.keys() == mine.keys()
+    assert all(mine[k].dtype == torch.float16 and torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 def test_add_embedding_key_missing_is_named(tiny_unets, tmp_path):
     _, _, path = tiny_unets("base")
     sd = load_file(path / "diffusion_pytorch_model.safetensors")
