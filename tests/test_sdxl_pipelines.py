@@ -214,6 +214,12 @@ def test_encode_prompt_and_embeddings_passed_in(folders):
         prompt_embeds=embeds["prompt_embeds"][:1],
         pooled_prompt_embeds=embeds["pooled_prompt_embeds"][:1],
     )
+    # without text encoders: embeddings only (the negatives are zeros under force_zeros_for_empty_prompt)
+    blind = StableDiffusionXLPipeline(**{**ours.components, "text_encoder": None, "text_encoder_2": None})
+    one = dict(prompt_embeds=embeds["prompt_embeds"][:1], pooled_prompt_embeds=embeds["pooled_prompt_embeds"][:1])
+    run = lambda pipe: pipe(**one, num_inference_steps=2, output_type="np", generator=seeded(5)).images  # noqa: E731
+    blind.set_progress_bar_config(disable=True)
+    assert np.array_equal(run(blind), run(ours))
 
 
 def test_fp16_vae_decodes_in_float32(folders):

@@ -299,9 +299,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         device = device or self.device
         prompt = [prompt] if isinstance(prompt, str) else prompt
         batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
-        if (prompt_embeds is None or (do_classifier_free_guidance and negative_prompt_embeds is None)) and (
-            self.text_encoder_2 is None or self.tokenizer_2 is None
-        ):
+        zeros = negative_prompt is None and self.force_zeros_for_empty_prompt
+        encode_negative = do_classifier_free_guidance and negative_prompt_embeds is None and not zeros
+        if (prompt_embeds is None or encode_negative) and (self.text_encoder_2 is None or self.tokenizer_2 is None):
             raise ValueError(
                 "this pipeline has no text_encoder_2 / tokenizer_2: pass prompt_embeds, pooled_prompt_embeds and "
                 "(with guidance) the negative ones"
@@ -313,13 +313,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             prompt_embeds, pooled = self._embed_pair([prompt, prompt_2], layer, None, True, lora_scale)
             pooled_prompt_embeds = pooled if pooled_prompt_embeds is None else pooled_prompt_embeds
 
-        zeros = negative_prompt is None and self.force_zeros_for_empty_prompt
         if do_classifier_free_guidance and negative_prompt_embeds is None and zeros:
             if negative_prompt_2 is not None:
                 logger.warning("negative_prompt_2 is ignored without negative_prompt when force_zeros_for_empty_prompt")
             negative_prompt_embeds = torch.zeros_like(prompt_embeds)
             negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
-        elif do_classifier_free_guidance and negative_prompt_embeds is None:
+        elif encode_negative:
             negative_prompt = negative_prompt or ""
             negative_prompt_2 = negative_prompt_2 or negative_prompt
             uncond = [[p] * batch if isinstance(p, str) else p for p in (negative_prompt, negative_prompt_2)]
@@ -371,7 +370,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def _get_add_time_ids(
         self, original_size: Size, crops_coords_top_left: Size, target_size: Size, pooled_width: int
     ) -> torch.Tensor:
-        """(1, 6): original height, width, crop top, left, target height, width."""
+        """(1, 6) float32: original height, width, crop top, left, target height, width."""
         ids = [*original_size, *crops_coords_top_left, *target_size]
         self._check_time_ids_width(len(ids), pooled_width)
         return torch.tensor([ids], dtype=torch.float32)
@@ -384,6 +383,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             return timesteps, num_steps
         cutoff = timestep_cutoff(self.scheduler, denoising_end)
         num_steps = int((timesteps >= cutoff).sum())
+        if num_steps < 1:
+            raise ValueError(f"denoising_end={denoising_end} leaves no denoising step before timestep {cutoff}")
         return timesteps[:num_steps], num_steps
 
     def _vae_upcast(self) -> bool:
@@ -393,6 +394,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return self.vae.dtype == torch.float16 and bool(self.vae.config.force_upcast)
 
     def _decode(self, latents: torch.Tensor, output_type: str, watch: FiniteWatch | None = None) -> Any:
+        """StableDiffusionPipeline's decode, with the VAE in float32 for it when _vae_upcast says so."""
         if output_type == "latent" or not self._vae_upcast():
             return super()._decode(latents, output_type, watch)
         self.vae.to(torch.float32)
