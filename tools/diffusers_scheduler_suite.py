@@ -103,9 +103,6 @@ def _skip_reason(item: pytest.Item) -> str | None:
 DELIBERATE = {
     "call set_timesteps(num_inference_steps) before step()": "step() before set_timesteps() raises",
     "must be a non-empty list with every β in (0, 1)": "betas outside (0, 1) are refused (diffusers: ᾱ < 0, NaN)",
-    # options diffusers' TCD takes and never applies: refused rather than silently ignored
-    "TCDScheduler: clip_sample=True is not implemented": "TCD refuses clip_sample (diffusers ignores it)",
-    "TCDScheduler: thresholding=True is not implemented": "TCD refuses thresholding (diffusers ignores it)",
 }
 
 
