@@ -120,4 +120,5 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
                 latents, denoised, prompt_embeds, w_embedding = out.values()
         # 5. the last x̂_0 -> pixels
         images = self._decode(denoised.to(prompt_embeds.dtype), output_type, watch)
+        self.maybe_free_model_hooks()  # with model offload: the last model back to the CPU, as diffusers
         return ImagePipelineOutput(images=images) if return_dict else (images, None)

@@ -123,6 +123,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                 latents, prompt_embeds, negative_prompt_embeds = out.values()
         # 4. latents -> pixels, once no NaN/Inf is found
         images = self._decode(latents, output_type, watch)
+        self.maybe_free_model_hooks()  # with model offload: the last model back to the CPU, as diffusers
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
     def _noised_image_latents(
