@@ -231,6 +231,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 latents, prompt_embeds, add_text_embeds, add_time_ids = out.values()
         # 5. latents -> pixels (the VAE in float32 if it asks), once no NaN/Inf is found
         images = self._decode(latents, output_type, watch)
+        self.maybe_free_model_hooks()  # with model offload: the last model back to the CPU, as diffusers
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
     # -- the text: two encoders, one context ----------------------------------------------------------

@@ -232,6 +232,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline):
                 latents, prompt_embeds, add_text_embeds, add_time_ids, mask, masked_image_latents = out.values()
         # 5. latents -> pixels (the VAE in float32 if it asks), once no NaN/Inf is found
         images = self._decode(latents, output_type, watch)
+        self.maybe_free_model_hooks()  # with model offload: the last model back to the CPU, as diffusers
         return ImagePipelineOutput(images=images) if return_dict else (images, None)
 
     # -- the steps of __call__ --------------------------------------------------------------------------
