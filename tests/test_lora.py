@@ -53,11 +53,13 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def random_lora(pipe, seed: int, alpha: float | None = None) -> dict[tuple[str, str], tuple]:
+def random_lora(
+    pipe, seed: int, alpha: float | None = None, components=("unet", "text_encoder")
+) -> dict[tuple[str, str], tuple]:
     """{(component, diffusers module): (down, up, alpha)} over every layer; alpha=None: per-layer alphas."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for component in ("unet", "text_encoder"):
+    for component in components:
         model = getattr(pipe, component)
         for i, name in enumerate(layer_names(model)):
             layer = model.get_submodule(name)
@@ -90,14 +92,14 @@ def write_peft(lora: dict, path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(header)})
 
 
-def kohya_name(component: str, name: str) -> str:
-    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + name.replace(".", "_")
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
-def write_kohya(lora: dict, path, rename=lambda c, n: n) -> None:
+def write_kohya(lora: dict, path, rename=lambda c, n: n, prefixes=KOHYA_PREFIXES) -> None:
     tensors = {}
     for (component, name), (down, up, alpha) in lora.items():
-        key = kohya_name(component, rename(component, name))
+        key = prefixes[component] + rename(component, name).replace(".", "_")
         tensors[f"{key}.lora_down.weight"] = down.contiguous()
         tensors[f"{key}.lora_up.weight"] = up.contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(alpha)
@@ -377,3 +379,87 @@ def test_cli_lora_and_embedding_flags_equal_the_api(folder, our_pipe, tmp_path):
 def our_pipe_as_diffusers_names(folder):
     """The diffusers UNet / text encoder (module names only) the LoRA files are written for."""
     return diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+# ------------------------------------------------------------------ SDXL
+
+# the tiny SDXL UNet of test_sdxl_pipelines in LDM numbering (levels: plain, then 2-layer transformers)
+SDXL_LDM_BLOCKS = {
+    "conv_in": "input_blocks.0.0",
+    "down_blocks.0.resnets.0": "input_blocks.1.0",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks.2.0.op",
+    "down_blocks.1.resnets.0": "input_blocks.3.0",
+    "down_blocks.1.attentions.0": "input_blocks.3.1",
+    "mid_block.resnets.0": "middle_block.0",
+    "mid_block.attentions.0": "middle_block.1",
+    "mid_block.resnets.1": "middle_block.2",
+    "up_blocks.0.resnets.0": "output_blocks.0.0",
+    "up_blocks.0.attentions.0": "output_blocks.0.1",
+    "up_blocks.0.resnets.1": "output_blocks.1.0",
+    "up_blocks.0.attentions.1": "output_blocks.1.1",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks.1.2.conv",
+    "up_blocks.1.resnets.0": "output_blocks.2.0",
+    "up_blocks.1.resnets.1": "output_blocks.3.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_out": "out.2",
+}
+
+
+def sdxl_ldm_name(component: str, name: str) -> str:
+    if component != "unet":
+        return name
+    for block, ldm in SDXL_LDM_BLOCKS.items():
+        if name == block or name.startswith(block + "."):
+            rest = name[len(block) :]
+            return ldm + ("." + LDM_RESNET[rest[1:]] if ".resnets." in block else rest)
+    raise AssertionError(name)
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    from test_sdxl_pipelines import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("lora-sdxl") / "base", "base")
+
+
+def sdxl_image(pipe, **call) -> torch.Tensor:
+    out = pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **call)
+    return torch.from_numpy(out.images)
+
+
+def test_sdxl_lora_matches_diffusers(sdxl_folder, tmp_path):
+    """PEFT files on the UNet and both text encoders (text_projection included); kohya files with the
+    LDM UNet paths and lora_te1_ / lora_te2_, against diffusers reading the same LoRA as a PEFT file
+    (diffusers 0.42 scales kohya SDXL text-encoder LoRAs by other alphas than the file's)."""
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ours = minidiff.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+    base = sdxl_image(ours)
+    components = ("unet", "text_encoder", "text_encoder_2")
+    write_peft(random_lora(theirs, 1, components=components), tmp_path / "peft.safetensors")
+    kohya = random_lora(theirs, 2, alpha=3.0, components=components)
+    write_peft(kohya, tmp_path / "same_as_peft.safetensors")
+    write_kohya(kohya, tmp_path / "kohya.safetensors", sdxl_ldm_name, SDXL_KOHYA_PREFIXES)
+    try:
+        for p in (theirs, ours):
+            p.load_lora_weights(tmp_path / "peft.safetensors", adapter_name="a")
+        one = sdxl_image(ours)
+        assert (one - sdxl_image(theirs)).abs().max() < TOL and (one - base).abs().max() > 1e-2
+        half = dict(cross_attention_kwargs={"scale": 0.5})
+        assert (sdxl_image(ours, **half) - sdxl_image(theirs, **half)).abs().max() < TOL
+        theirs.load_lora_weights(tmp_path / "same_as_peft.safetensors", adapter_name="b")
+        ours.load_lora_weights(tmp_path / "kohya.safetensors", adapter_name="b")
+        for p in (theirs, ours):
+            p.set_adapters(["a", "b"], [0.5, 0.8])
+        assert (sdxl_image(ours) - sdxl_image(theirs)).abs().max() < TOL
+        for p in (theirs, ours):
+            p.fuse_lora(components=components, lora_scale=0.7)
+        assert (sdxl_image(ours) - sdxl_image(theirs)).abs().max() < TOL
+        ours.unfuse_lora(components=components)
+    finally:
+        ours.unload_lora_weights()
+    assert torch.equal(sdxl_image(ours), base)

@@ -103,7 +103,8 @@ def module_tables(target: Target) -> tuple[dict[str, str], dict[str, str]]:
         ldm = _foreign_names(target.layers, [*ldm_unet.rules(target.config), *LDM_EXTRA])
     else:
         # transformers 4 names (text_model.encoder.…, every file on the Hub) and transformers 5's (encoder.…)
-        rules = clip_text.rules(target.config)
+        # SDXL's second encoder (CLIPTextModelWithProjection) adds text_projection, a LoRA target too
+        rules = [*clip_text.rules(target.config), Rule("text_projection.", "text_projection.", legacy=True)]
         bare = [Rule(r.src, r.dst) for r in rules if r.legacy]
         dotted = {
             **_foreign_names(target.layers, [r for r in rules if not r.legacy]),
