@@ -147,3 +147,39 @@ def test_malicious_pickle_is_not_run(folder, tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         ours.load_textual_inversion(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def test_sdxl_embedding_into_both_encoders(tmp_path_factory):
+    """An SDXL embedding file ({"clip_l", "clip_g"}) loaded part by part with explicit tokenizer and text
+    encoder, as diffusers' docs do; minidiff also takes the whole file and picks the part by encoder."""
+    from test_sdxl_pipelines import save_tiny_sdxl
+
+    folder = save_tiny_sdxl(tmp_path_factory.mktemp("ti-sdxl") / "base", "base")
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    ours = minidiff.StableDiffusionXLPipeline.from_pretrained(folder)
+    file = {"clip_l": vectors(1, 7), "clip_g": vectors(1, 8)}
+    multi = {"clip_l": vectors(3, 9), "clip_g": vectors(3, 10)}
+    for p in (theirs, ours):
+        p.set_progress_bar_config(disable=True)
+        for data, token in ((file, "<s>"), (multi, "<m>")):
+            p.load_textual_inversion(data["clip_l"], token=token, text_encoder=p.text_encoder, tokenizer=p.tokenizer)
+            p.load_textual_inversion(
+                data["clip_g"], token=token, text_encoder=p.text_encoder_2, tokenizer=p.tokenizer_2
+            )
+    for tok in ("tokenizer", "tokenizer_2"):
+        assert getattr(ours, tok).added_tokens_encoder == getattr(theirs, tok).added_tokens_encoder
+    for enc, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        views = [(getattr(p, enc), getattr(p, tok)) for p in (theirs, ours)]
+        embeds = []
+        for (encoder, tokenizer), p in zip(views, (theirs, ours)):
+            prompt = p.maybe_convert_prompt("a <m> <s> photo", tokenizer)
+            ids = tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            with torch.no_grad():
+                embeds.append(encoder(ids, output_hidden_states=True).hidden_states[-2])
+        assert rel_err(embeds[1], embeds[0]) < 1e-5, enc
+    assert (image(ours, "a <s> photo") - image(theirs, "a <s> photo")).abs().max() < TOL
+    # the whole file given to the second encoder: its clip_g part
+    whole = minidiff.StableDiffusionXLPipeline.from_pretrained(folder)
+    whole.load_textual_inversion(file, token="<s>", text_encoder=whole.text_encoder_2, tokenizer=whole.tokenizer_2)
+    row = whole.tokenizer_2.convert_tokens_to_ids("<s>")
+    assert torch.equal(whole.text_encoder_2.get_input_embeddings().weight[row], file["clip_g"][0])
