@@ -59,6 +59,7 @@ class LoRA(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []  # adapters fused into the layer's weight (skipped in forward)
         self.runtime_scale = 1.0  # lora_scale(...): multiplies every active adapter's contribution
+        self.enabled = True  # disable_lora() turns every unfused adapter off, keeping the active set
         self.register_buffer("original_weight", None, persistent=False)  # the weight before fuse
         self.handle: torch.utils.hooks.RemovableHandle | None = None
 
@@ -69,7 +70,7 @@ class LoRA(nn.Module):
     def delta(self, layer: Layer, x: torch.Tensor) -> torch.Tensor | None:
         """Sum of the active, unfused adapters' outputs for the layer input x (None if there are none)."""
         out = None
-        for name in self.active:
+        for name in self.active if self.enabled else ():
             if name not in self.adapters or name in self.merged:
                 continue
             a: LoRAAdapter = self.adapters[name]

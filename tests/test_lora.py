@@ -227,6 +227,13 @@ def test_lora_matches_diffusers(pipes, tmp_path, fmt):
             p.set_adapters(["a", "b"], adapter_weights=[0.7, -0.4])
         assert_same(theirs, ours, "unfused")
         for p in pipes:
+            p.disable_lora()
+        assert all(torch.equal(v, base[k]) for k, v in outputs(ours).items()), "disable_lora leaves an adapter on"
+        assert_same(theirs, ours, "disabled")
+        for p in pipes:
+            p.enable_lora()
+        assert_same(theirs, ours, "enabled again (weights kept)")
+        for p in pipes:
             p.set_adapters("b")
         assert_same(theirs, ours, "adapter b alone")
         for p in pipes:
@@ -463,3 +470,20 @@ def test_sdxl_lora_matches_diffusers(sdxl_folder, tmp_path):
     finally:
         ours.unload_lora_weights()
     assert torch.equal(sdxl_image(ours), base)
+
+
+def test_peft_alpha_keys_equal_header_alphas(pipes, tmp_path):
+    """A PEFT file may carry its alphas as `{module}.alpha` tensors instead of diffusers' header."""
+    theirs, ours = pipes
+    lora = random_lora(theirs, 9)
+    write_peft(lora, tmp_path / "header.safetensors")
+    tensors = {}
+    for (component, name), (down, up, alpha) in lora.items():
+        tensors |= {f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up}
+        tensors[f"{component}.{name}.alpha"] = torch.tensor(alpha)
+    results = []
+    for source in (tmp_path / "header.safetensors", tensors):
+        ours.load_lora_weights(source)
+        results.append(outputs(ours))
+        ours.unload_lora_weights()
+    assert all(rel_err(results[0][k], results[1][k]) < 1e-6 for k in results[0])

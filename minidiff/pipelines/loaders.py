@@ -187,10 +187,16 @@ class LoraLoaderMixin:
         self._activate(names, adapter_weights)
 
     def disable_lora(self) -> None:
-        self._activate([], None)
+        """Turn the (unfused) adapters off, keeping which are active and their weights."""
+        self._enable(False)
 
     def enable_lora(self) -> None:
-        self._activate(self._all_adapters(), None)
+        self._enable(True)
+
+    def _enable(self, on: bool) -> None:
+        for model in self._lora_components().values():
+            for _, _, lo in lora.lora_layers(model):
+                lo.enabled = on
 
     def delete_adapters(self, adapter_names: str | list[str]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
