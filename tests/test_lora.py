@@ -487,3 +487,25 @@ def test_peft_alpha_keys_equal_header_alphas(pipes, tmp_path):
         results.append(outputs(ours))
         ours.unload_lora_weights()
     assert all(rel_err(results[0][k], results[1][k]) < 1e-6 for k in results[0])
+
+
+def test_hub_ids_and_weight_name(pipes, tmp_path, hub_cache):
+    """A Hub repo (offline cache): pytorch_lora_weights.safetensors by default, another file by weight_name;
+    the same adapters as the local file."""
+    theirs, ours = pipes
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_kohya(random_lora(theirs, 10, alpha=2.0), repo / "pytorch_lora_weights.safetensors")
+    write_peft(random_lora(theirs, 11), repo / "other.safetensors")
+    hub_cache("someone/lora", repo)
+    results = []
+    for first, second in (
+        (("someone/lora",), ("someone/lora", "other.safetensors")),
+        ((repo / "pytorch_lora_weights.safetensors",), (repo / "other.safetensors", None)),
+    ):
+        ours.load_lora_weights(*first, adapter_name="a")
+        ours.load_lora_weights(second[0], adapter_name="b", weight_name=second[1])
+        ours.set_adapters(["a", "b"], [0.5, 0.5])
+        results.append(outputs(ours))
+        ours.unload_lora_weights()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
