@@ -194,6 +194,7 @@ def convert_lora(
         groups[component, module][part] = (key, tensor)
 
     tables = {c: module_tables(t) for c, t in targets.items()}
+    header = {c: _metadata_alphas(metadata, c) for c in targets}
     out: dict[str, dict[str, LoRAWeights]] = {}
     for (component, module), parts in groups.items():
         key = next(iter(parts.values()))[0]
@@ -209,7 +210,7 @@ def convert_lora(
             raise ConversionError(f"LoRA ({fmt}): {key!r} has no matching {'up' if 'down' in parts else 'down'} weight")
         alpha = float(parts["alpha"][1]) if "alpha" in parts else None
         if alpha is None and fmt == DIFFUSERS:
-            alpha = _pattern_alpha(module, *_metadata_alphas(metadata, component))
+            alpha = _pattern_alpha(module, *header[component])
         down, up = parts["down"][1], parts["up"][1]
         out.setdefault(component, {})[name] = LoRAWeights(
             *_shaped(down, up, targets[component].layers[name], parts["down"][0], fmt), alpha, parts["down"][0]
