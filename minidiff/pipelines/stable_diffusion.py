@@ -227,6 +227,7 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
 
     def _embed(self, prompt: list[str], clip_skip: int | None, lora_scale: float | None = None) -> torch.Tensor:
         tok = self.tokenizer
+        prompt = self.maybe_convert_prompt(prompt, tok)  # a multi-vector learned token -> its n tokens
         ids = tok(
             prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids

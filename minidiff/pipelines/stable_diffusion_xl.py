@@ -252,6 +252,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden state `layer`, the pooled projection if this encoder has one) of `text`, padded to max_length."""
+        text = self.maybe_convert_prompt(text, tokenizer)  # a multi-vector learned token -> its n tokens
         ids = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         ids = ids.input_ids
         if warn:
