@@ -94,6 +94,11 @@ class CallState:
         """cross_attention_kwargs["scale"]: the LoRA scale of the UNet and (in encode_prompt) the text encoder."""
         return (self._cross_attention_kwargs or {}).get("scale")
 
+    @property
+    def _unet_attention_kwargs(self) -> dict[str, float] | None:
+        """What the UNet takes of cross_attention_kwargs: the LoRA scale (UNet2DConditionModel.forward applies it)."""
+        return None if self._lora_scale is None else {"scale": self._lora_scale}
+
     def _begin_call(
         self,
         guidance_scale: float,

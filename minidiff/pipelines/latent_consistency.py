@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from .. import lora
 from .base import ImagePipelineOutput
 from .calling import guidance_scale_embedding
 from .checks import FiniteWatch, callback_inputs
@@ -99,9 +98,13 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         denoised = latents
         for i, t in self._progress(timesteps, num_inference_steps):
             latents = latents.to(prompt_embeds.dtype)
-            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
-                model_pred = self.unet(latents, t, encoder_hidden_states=prompt_embeds, timestep_cond=w_embedding)
-            model_pred = model_pred.sample
+            model_pred = self.unet(
+                latents,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                timestep_cond=w_embedding,
+                cross_attention_kwargs=self._unet_attention_kwargs,
+            ).sample
             watch.see("unet", model_pred, i, t)
             latents, denoised = self.scheduler.step(model_pred, t, latents, generator=generator, return_dict=False)
             watch.see("scheduler.step", latents, i, t)

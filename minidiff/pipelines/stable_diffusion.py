@@ -198,9 +198,13 @@ class StableDiffusionPipeline(DiffusionPipeline, CallState, LoraLoaderMixin, Tex
             guided = self.do_classifier_free_guidance  # a callback may switch it off (SDCFGCutoffCallback)
             model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
             model_input = self.scheduler.scale_model_input(model_input, t)
-            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
-            noise_pred = noise_pred.sample
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                timestep_cond=timestep_cond,
+                cross_attention_kwargs=self._unet_attention_kwargs,
+            ).sample
             if guided:
                 noise_pred = self._guide(noise_pred)
             watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from .. import lora
 from ..noise import randn_tensor
 from .base import ImagePipelineOutput
 from .checks import FiniteWatch, callback_inputs
@@ -101,9 +100,13 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             guided = self.do_classifier_free_guidance  # a callback may switch it off (SDCFGCutoffCallback)
             model_input = torch.cat([latents] * 2) if guided else latents  # [unconditional; conditional]
             model_input = self.scheduler.scale_model_input(model_input, t)
-            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
-            noise_pred = noise_pred.sample
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                timestep_cond=timestep_cond,
+                cross_attention_kwargs=self._unet_attention_kwargs,
+            ).sample
             if guided:
                 noise_pred = classifier_free_guidance(noise_pred, self.guidance_scale)
             watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)

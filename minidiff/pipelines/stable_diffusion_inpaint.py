@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import lora
 from .base import ImagePipelineOutput
 from .checks import FiniteWatch, callback_inputs
 from .image_processing import ImageInput, preprocess_image
@@ -115,9 +114,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             model_input = self.scheduler.scale_model_input(model_input, t)
             if not plain_unet:
                 model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)
-            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond)
-            noise_pred = noise_pred.sample
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                timestep_cond=timestep_cond,
+                cross_attention_kwargs=self._unet_attention_kwargs,
+            ).sample
             if guided:
                 noise_pred = classifier_free_guidance(noise_pred, self.guidance_scale)
             watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from .. import lora
 from ..noise import randn_tensor
 from .base import ImagePipelineOutput
 from .calling import Generator, scheduler_step_kwargs
@@ -208,14 +207,14 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             guided = self.do_classifier_free_guidance  # a callback may switch it off
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
-            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
-                noise_pred = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=prompt_embeds,
-                    timestep_cond=timestep_cond,
-                    added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
-                ).sample
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                timestep_cond=timestep_cond,
+                added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
+                cross_attention_kwargs=self._unet_attention_kwargs,
+            ).sample
             if guided:
                 noise_pred = self._guide(noise_pred)
             watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import lora
 from .base import ImagePipelineOutput
 from .calling import Generator, scheduler_step_kwargs
 from .checks import FiniteWatch, callback_inputs, check_real
@@ -196,14 +195,14 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline):
             model_input = self.scheduler.scale_model_input(model_input, t)
             if not plain_unet:  # the inpainting UNet's extra input channels
                 model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)
-            with lora.lora_scale(self.unet, self._lora_scale):  # cross_attention_kwargs["scale"], as diffusers
-                noise_pred = self.unet(
-                    model_input,
-                    t,
-                    encoder_hidden_states=prompt_embeds,
-                    timestep_cond=timestep_cond,
-                    added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
-                ).sample
+            noise_pred = self.unet(
+                model_input,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                timestep_cond=timestep_cond,
+                added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
+                cross_attention_kwargs=self._unet_attention_kwargs,
+            ).sample
             if guided:
                 noise_pred = self._guide(noise_pred)
             watch.see("unet", noise_pred, i, t)  # on-device flags, read once at the end (no sync per step)
