@@ -160,46 +160,46 @@ def clip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM CLIP text encod
     }
 
 
-def openclip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM OpenCLIP text encoder") -> dict[str, Any]:
-    """SD 2.x: OpenCLIP's text tower as a CLIPTextConfig (gelu), one layer fewer than the file holds."""
+def _openclip_tower(
+    sd: Mapping[str, torch.Tensor], what: str, num_hidden_layers: int, projection_dim: int
+) -> dict[str, Any]:
+    """OpenCLIP's text tower (gelu) as a CLIPTextConfig: widths from the shapes, the layer count and
+    projection width as the caller decides them."""
     vocab, width = _need(sd, "token_embedding.weight", what)
+    return {
+        **COMMON,
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": _need(sd, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": _heads(width, what),
+        "max_position_embeddings": _need(sd, "positional_embedding", what)[0],
+        "hidden_act": "gelu",
+        "projection_dim": projection_dim,
+    }
+
+
+def openclip_config(sd: Mapping[str, torch.Tensor], what: str = "LDM OpenCLIP text encoder") -> dict[str, Any]:
+    """SD 2.x: one layer fewer than the file holds."""
+    _need(sd, "token_embedding.weight", what)
     layers = _count(sd, "transformer.resblocks.")
     if layers < 2:
         raise ConversionError(
             f"{what}: {layers} OpenCLIP layer(s); SD2 uses all but the last, so at least 2 are needed"
         )
-    return {
-        **COMMON,
-        "vocab_size": vocab,
-        "hidden_size": width,
-        "intermediate_size": _need(sd, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
-        "num_hidden_layers": layers - 1,
-        "num_attention_heads": _heads(width, what),
-        "max_position_embeddings": _need(sd, "positional_embedding", what)[0],
-        "hidden_act": "gelu",
-        "projection_dim": 512,  # as in SD 2.1's text_encoder/config.json (unused by the text model)
-    }
+    # projection_dim as in SD 2.1's text_encoder/config.json (unused by the text model)
+    return _openclip_tower(sd, what, layers - 1, projection_dim=512)
 
 
 def bigg_config(sd: Mapping[str, torch.Tensor], what: str = "SDXL OpenCLIP ViT-bigG text encoder") -> dict[str, Any]:
-    """SDXL: OpenCLIP bigG as a CLIPTextConfig (gelu) with all the file's layers and the projection's width."""
-    vocab, width = _need(sd, "token_embedding.weight", what)
+    """SDXL: OpenCLIP bigG with all the file's layers and the projection's width."""
+    width = _need(sd, "token_embedding.weight", what)[1]
     projection = _need(sd, "text_projection", what)
     if len(projection) != 2 or projection[0] != width:
         raise ConversionError(
             f"{what}: text_projection has shape {tuple(projection)}; OpenCLIP stores it as (width {width}, projection)"
         )
-    return {
-        **COMMON,
-        "vocab_size": vocab,
-        "hidden_size": width,
-        "intermediate_size": _need(sd, "transformer.resblocks.0.mlp.c_fc.weight", what)[0],
-        "num_hidden_layers": _count(sd, "transformer.resblocks."),
-        "num_attention_heads": _heads(width, what),
-        "max_position_embeddings": _need(sd, "positional_embedding", what)[0],
-        "hidden_act": "gelu",
-        "projection_dim": projection[1],
-    }
+    return _openclip_tower(sd, what, _count(sd, "transformer.resblocks."), projection_dim=projection[1])
 
 
 CLIP_FORMAT = TRANSFORMERS_FORMAT
