@@ -9,6 +9,7 @@ import ctypes
 import gc
 import json
 import re
+import shutil
 import sys
 
 import diffusers
@@ -418,6 +419,7 @@ def test_real_text_encoder_2_and_its_fp16_variant(tmp_path):
     _assert_clip_parity(ours, want)
     assert (tmp_path / "model.fp16.safetensors").is_file()
     half = CLIPTextModelWithProjection.from_pretrained(tmp_path, variant="fp16", torch_dtype=torch.float16)
+    shutil.rmtree(tmp_path)  # 4.2 GB of weights: pytest keeps the temporary folders of its last three runs
     fp32, fp16 = ours.state_dict(), half.state_dict()
     assert fp32.keys() == fp16.keys()
     assert all(fp16[k].dtype == torch.float16 and torch.equal(fp16[k], fp32[k].half()) for k in fp32)
@@ -467,6 +469,8 @@ def test_real_sdxl_base_unet_one_copy_at_a_time(tmp_path):
     del ref
     release_freed_memory()
     ours = UNet2DConditionModel.from_pretrained(tmp_path)
+    # the 10.3 GB of shards go now: pytest keeps the temporary folders of its last three runs
+    shutil.rmtree(tmp_path)
     with torch.no_grad():
         got = ours(**args).sample
     del ours
